@@ -1,0 +1,326 @@
+"""Typed experiment configuration: YAML mapped onto dataclasses, validated before training.
+
+Every error names the full dotted key (``distill.temperature``), what was expected, and —
+for misspelt keys — the closest valid key, so a bad config fails in one clear line instead
+of a traceback from deep inside torch.
+
+The meaning of ``alpha`` is fixed here and used everywhere: **alpha is the weight of the
+soft (teacher) term; 1 − alpha weighs the hard-label cross-entropy**. ``alpha = 0`` is plain
+supervised training, ``alpha = 1`` is pure distillation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has a bad value; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Which data set, how much of it, and how it is batched."""
+
+    name: Literal["fashion_mnist"] = "fashion_mnist"
+    root: str | None = None  # folder with the four IDX files; else the standard lookup
+    train_subset: int | None = None  # stratified subset of the training set
+    test_subset: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    augment: bool = False  # random ±2 px shifts and horizontal flips (training only)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "batch_size", "eval_batch_size")
+        _check_optional_positive(self, "train_subset", "test_subset")
+        _check_non_negative(self, "num_workers")
+
+
+@dataclass
+class ModelConfig:
+    """A model by registry name (``small_cnn``) or import path (``my_pkg.models:build``)."""
+
+    model: str = "small_cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # safetensors file, or ``builtin:<name>`` for shipped weights
+
+
+@dataclass
+class TermConfig:
+    """One weighted loss term: which loss, on which student/teacher tensors.
+
+    ``student`` and ``teacher`` are ``"logits"`` (the model's output) or a module name from
+    ``model.named_modules()``. A term with ``teacher: null`` compares the student against
+    the labels (cross-entropy, label smoothing).
+    """
+
+    name: str = "kd"
+    loss: str = "kd"
+    weight: float = 1.0
+    student: str = "logits"
+    teacher: str | None = "logits"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
+
+
+@dataclass
+class DistillConfig:
+    """How the student learns from the teacher.
+
+    Without ``terms`` the objective is Hinton's: ``alpha · T² · KL(p_t^T ‖ p_s^T) +
+    (1 − alpha) · CE(y, p_s)`` — alpha weighs the soft (teacher) term. With ``terms`` the
+    objective is exactly the listed weighted sum, and ``alpha`` is not used.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    label_smoothing: float = 0.0  # applied to the hard-label term
+    cache_teacher: bool = True  # run the frozen teacher once over the training set
+    terms: list[TermConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha: must be in [0, 1] (weight of the soft term), got {self.alpha}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        names = [t.name for t in self.terms]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"terms: duplicate term names {duplicates}; give each term its own name")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning-rate schedule and gradient clipping."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    schedule: Literal["constant", "cosine", "onecycle", "step"] = "onecycle"
+    warmup_epochs: float = 0.0  # linear warm-up, for cosine/constant
+    milestones: list[int] = field(default_factory=list)  # step schedule, in epochs
+    gamma: float = 0.1  # step schedule decay
+    grad_clip: float | None = 5.0  # max global grad norm; null disables
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "lr")
+        _check_non_negative(self, "weight_decay", "warmup_epochs")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
+        if self.schedule == "step" and not self.milestones:
+            raise ConfigError("milestones: the step schedule needs a list of epochs, e.g. [30, 60]")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: epochs, device, logging and progress."""
+
+    epochs: int = 10
+    device: str = "cpu"  # cpu, cuda, cuda:1, or auto
+    threads: int | None = None  # torch.set_num_threads; null keeps torch's default
+    progress: bool = True
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "epochs")
+        _check_optional_positive(self, "threads")
+        if not (self.device in ("cpu", "auto", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: must be one of cpu, cuda, cuda:N, auto; got {self.device!r}")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run: data, teacher (optional), student, distillation, optimizer, loop."""
+
+    seed: int = 0
+    output_dir: str = "runs/experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig | None = None
+    student: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML file, apply ``key.sub=value`` overrides, and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from plain data, validating every key."""
+    return _build(ExperimentConfig, data, "")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, returning a copy."""
+    data = _deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. distill.temperature=8")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix, str(key), list(fields)))
+    kwargs = {key: _coerce(hints[key], value, _join(prefix, key)) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{_join(prefix, str(err))}") from None
+
+
+def _coerce(annotation: Any, value: Any, key: str) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, key)
+    if value is None and annotation is not Any:
+        raise ConfigError(f"{key}: must not be null; expected {_type_name(annotation)}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {allowed}{extra}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        (item_type,) = args or (Any,)
+        return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")  # pragma: no cover
+
+
+def _unknown_key_message(prefix: str, key: str, allowed: list[str]) -> str:
+    hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    where = f"in {prefix}" if prefix else "at the top level"
+    message = f"{_join(prefix, key)}: unknown key {where}; allowed keys: {', '.join(allowed)}"
+    if hint:
+        message += f" (did you mean {_join(prefix, hint[0])!r}?)"
+    return message
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise ConfigError(f"{name}: must be > 0, got {getattr(obj, name)}")
+
+
+def _check_optional_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: must be > 0 or null, got {value}")
+
+
+def _check_non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {getattr(obj, name)}")

@@ -1,0 +1,224 @@
+"""A distiller is a teacher, a student, and a weighted list of loss terms.
+
+Each :class:`LossTerm` names the two tensors it compares — the student's ``"logits"`` (the
+model output) or any layer by its ``named_modules()`` name, against the teacher's logits or
+layer, or against the labels — and holds its loss module and, when shapes differ, an
+adapter that maps the student tensor onto the teacher's. Terms are submodules, so adapter
+parameters are seen by the optimizer and saved in checkpoints.
+
+The teacher is frozen here and only here (:func:`freeze`): no gradients, evaluated under
+``torch.inference_mode``, and kept in eval mode even when the distiller is put in training
+mode (as mdistiller's ``Distiller.train`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+import torch
+from torch import Tensor, nn
+
+from kdistill.taps import FeatureTaps
+
+LOGITS = "logits"
+"""The name that selects a model's own output instead of an inner layer."""
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a teacher in place: no parameter takes gradients, eval mode. Returns it."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class LossTerm(nn.Module):
+    """One weighted loss comparing a student tensor with a teacher tensor or the labels.
+
+    Args:
+        name: label used in logs and in the output dict (``"<name>_loss"``).
+        loss: called as ``loss(student_tensor, reference)``; any ``nn.Module`` or function.
+        weight: factor of this term in the total loss.
+        student: ``"logits"`` or a student module name.
+        teacher: ``"logits"``, a teacher module name, or ``None`` to compare with labels.
+        adapter: optional module applied to the student tensor first (e.g. a 1×1 conv
+            when the student layer is narrower than the teacher's, as in FitNets).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        loss: nn.Module,
+        weight: float = 1.0,
+        student: str = LOGITS,
+        teacher: str | None = LOGITS,
+        adapter: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ValueError(f"loss term {name!r}: weight must be >= 0, got {weight}")
+        self.name = name
+        self.loss = loss
+        self.weight = float(weight)
+        self.student = student
+        self.teacher = teacher
+        self.adapter = adapter
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None
+
+    def forward(self, student_value: Tensor, reference: Tensor) -> Tensor:
+        if self.adapter is not None:
+            student_value = self.adapter(student_value)
+        if reference.is_floating_point() and student_value.shape != reference.shape:
+            raise ValueError(
+                f"loss term {self.name!r}: student {self.student!r} gives shape "
+                f"{tuple(student_value.shape)} but teacher {self.teacher!r} gives "
+                f"{tuple(reference.shape)}; give the term an adapter that maps one onto the "
+                "other, or pick layers of matching shape"
+            )
+        return self.loss(student_value, reference)
+
+    def extra_repr(self) -> str:
+        other = self.teacher if self.teacher is not None else "labels"
+        return f"name={self.name!r}, weight={self.weight}, student={self.student!r} vs {other!r}"
+
+
+class Distiller(nn.Module):
+    """Teacher + student + weighted loss terms; ``forward`` returns the loss and its parts.
+
+    Args:
+        student: any ``nn.Module`` mapping inputs to logits.
+        terms: the loss terms; their weighted sum is the training loss.
+        teacher: any ``nn.Module``; frozen here. May be ``None`` when no term uses it
+            (plain supervised training, label smoothing) or when teacher outputs are always
+            passed in precomputed (a teacher-output cache).
+
+    ``forward(inputs, target, teacher_outputs=None)`` returns a dict with ``loss`` (the
+    weighted sum, with gradients), ``logits`` (the student's, detached) and one detached,
+    unweighted ``"<term>_loss"`` per term for logging.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        terms: Sequence[LossTerm],
+        teacher: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if not terms:
+            raise ValueError("a Distiller needs at least one loss term")
+        names = [term.name for term in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss term names must be unique, got {names}")
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.terms = nn.ModuleList(terms)
+        self._student_taps = FeatureTaps(student, self._layers(student=True))
+        self._teacher_taps = (
+            FeatureTaps(teacher, self._layers(student=False)) if teacher is not None else None
+        )
+
+    # -- what the terms need ---------------------------------------------------------
+
+    def _layers(self, student: bool) -> list[str]:
+        keys = [term.student if student else term.teacher for term in self.terms]
+        return sorted({k for k in keys if k is not None and k != LOGITS})
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(term.uses_teacher for term in self.terms)
+
+    @property
+    def teacher_keys(self) -> list[str]:
+        """The teacher tensors the terms compare against (``"logits"`` and/or layers)."""
+        return sorted({t.teacher for t in self.terms if t.teacher is not None})
+
+    # -- modes and parameters --------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Distiller:
+        """Set training mode on the student and terms; the teacher always stays in eval."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Student and adapter parameters — what the optimizer updates."""
+        for param in self.parameters():
+            if param.requires_grad:
+                yield param
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Student and term (adapter) weights: what a checkpoint must hold. No teacher."""
+        state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        state.update({f"terms.{k}": v for k, v in self.terms.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        student = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
+        terms = {k[len("terms.") :]: v for k, v in state.items() if k.startswith("terms.")}
+        self.student.load_state_dict(student)
+        self.terms.load_state_dict(terms)
+
+    # -- forward ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _teacher_inference(self, inputs: Tensor) -> dict[str, Tensor]:
+        assert self.teacher is not None and self._teacher_taps is not None
+        with self._teacher_taps:
+            logits = self.teacher(inputs)
+            outputs = self._teacher_taps.pop()
+        outputs[LOGITS] = logits
+        return outputs
+
+    def teacher_forward(self, inputs: Tensor) -> dict[str, Tensor]:
+        """The teacher's logits and tapped layers, computed without autograd.
+
+        Outputs are cloned out of inference mode so that losses may save them for backward.
+        """
+        if self.teacher is None:
+            raise RuntimeError(
+                "this Distiller has no teacher; pass teacher_outputs to forward() or give a teacher"
+            )
+        return {k: v.clone() for k, v in self._teacher_inference(inputs).items()}
+
+    def forward(
+        self,
+        inputs: Tensor,
+        target: Tensor | None = None,
+        teacher_outputs: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        with self._student_taps as taps:
+            logits = self.student(inputs)  # (B, C)
+            student_values = taps.pop()
+        student_values[LOGITS] = logits
+
+        teacher_values: Mapping[str, Tensor] = {}
+        if self.needs_teacher:
+            teacher_values = (
+                teacher_outputs if teacher_outputs is not None else self.teacher_forward(inputs)
+            )
+
+        total = logits.new_zeros((), dtype=torch.float32)
+        result: dict[str, Tensor] = {}
+        for term in self.terms:
+            value = term(student_values[term.student], self._reference(term, teacher_values, target))
+            total = total + term.weight * value
+            result[f"{term.name}_loss"] = value.detach()
+        result["loss"] = total
+        result["logits"] = logits.detach()
+        return result
+
+    @staticmethod
+    def _reference(
+        term: LossTerm, teacher_values: Mapping[str, Tensor], target: Tensor | None
+    ) -> Tensor:
+        if term.teacher is None:
+            if target is None:
+                raise ValueError(f"loss term {term.name!r} compares with labels, but none were given")
+            return target
+        if term.teacher not in teacher_values:
+            raise KeyError(
+                f"loss term {term.name!r} needs teacher output {term.teacher!r}, but the given "
+                f"teacher_outputs hold only {sorted(teacher_values)}"
+            )
+        return teacher_values[term.teacher]

@@ -1,0 +1,196 @@
+"""Build a whole run from an :class:`~kdistill.config.ExperimentConfig` and execute it.
+
+This is the glue between YAML and the Python API: it loads data, builds and loads the
+models, turns ``distill`` settings into :class:`~kdistill.distiller.LossTerm` s, optionally
+runs the frozen teacher once over the training set (the teacher-output cache), and hands
+everything to the :class:`~kdistill.trainer.Trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.checkpoint import atomic_write_text, load_weights
+from kdistill.config import DistillConfig, ExperimentConfig, ModelConfig
+from kdistill.data import fashion_mnist_dataset
+from kdistill.data.loader import TensorBatchLoader
+from kdistill.distiller import LOGITS, Distiller, LossTerm
+from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy
+from kdistill.losses.registry import LOSSES
+from kdistill.models import build_model, count_parameters
+from kdistill.trainer import FitResult, Trainer, evaluate, predict_logits, resolve_device, seed_everything
+
+BUILTIN_PREFIX = "builtin:"
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def builtin_checkpoint(name: str) -> Path:
+    """Path of a checkpoint shipped inside the package (``kdistill/assets/<name>.safetensors``)."""
+    path = Path(str(resources.files("kdistill") / "assets" / f"{name}.safetensors"))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no built-in checkpoint {name!r} at {path}; rebuild it with the command in "
+            "bench/RESULTS.md or point checkpoint: at a .safetensors file"
+        )
+    return path
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    if spec.startswith(BUILTIN_PREFIX):
+        return builtin_checkpoint(spec[len(BUILTIN_PREFIX) :])
+    return Path(spec).expanduser()
+
+
+def load_model(cfg: ModelConfig) -> nn.Module:
+    """Build the model and, when a checkpoint is named, load its weights strictly."""
+    model = build_model(cfg.model, **cfg.kwargs)
+    if cfg.checkpoint:
+        path = resolve_checkpoint(cfg.checkpoint)
+        state = load_weights(path)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"checkpoint {path} does not fit model {cfg.model!r} {cfg.kwargs}: {err}"
+            ) from None
+    return model
+
+
+# -- loss terms ----------------------------------------------------------------------------
+
+
+def build_terms(cfg: DistillConfig, has_teacher: bool) -> list[LossTerm]:
+    """The weighted loss terms for a config.
+
+    Without explicit ``terms``: ``alpha · KD`` + ``(1 − alpha) · CE`` (or label-smoothing CE)
+    when there is a teacher, the hard-label term alone otherwise. Terms of weight 0 are
+    dropped, so alpha = 0 trains without running the teacher at all.
+    """
+    if cfg.terms:
+        terms = [
+            LossTerm(t.name, _build_loss(t.loss, t.params, f"distill.terms[{i}]"), t.weight,
+                     student=t.student, teacher=t.teacher)
+            for i, t in enumerate(cfg.terms)
+        ]
+        if not has_teacher and any(t.uses_teacher for t in terms):
+            raise ValueError("distill.terms use the teacher, but the config has no teacher: section")
+        return terms
+    hard: nn.Module = (
+        LabelSmoothingCrossEntropy(cfg.label_smoothing) if cfg.label_smoothing > 0
+        else LabelSmoothingCrossEntropy(0.0)
+    )
+    hard_name = "label_smoothing" if cfg.label_smoothing > 0 else "ce"
+    if not has_teacher:
+        return [LossTerm(hard_name, hard, 1.0, teacher=None)]
+    terms = [LossTerm("kd", KDLoss(cfg.temperature), cfg.alpha),
+             LossTerm(hard_name, hard, 1.0 - cfg.alpha, teacher=None)]
+    return [t for t in terms if t.weight > 0]
+
+
+def _build_loss(name: str, params: dict[str, Any], key: str) -> nn.Module:
+    try:
+        factory = LOSSES.get(name)
+    except KeyError as err:
+        raise ValueError(f"{key}.loss: {err.args[0]}") from None
+    try:
+        return factory(**params)
+    except TypeError as err:
+        raise ValueError(f"{key}.params: {err}") from None
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def load_data(cfg: ExperimentConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Training and test tensors ``(x, y)`` for the configured data set."""
+    d = cfg.data
+    train = fashion_mnist_dataset("train", root=d.root, subset=d.train_subset, seed=cfg.seed)
+    test = fashion_mnist_dataset("test", root=d.root, subset=d.test_subset, seed=cfg.seed)
+    return (train.tensors[0], train.tensors[1]), (test.tensors[0], test.tensors[1])
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    fit: FitResult
+    summary: dict[str, Any]
+
+
+def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
+    """Train the configured student (with or without a teacher) and write ``summary.json``."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    device = resolve_device(cfg.train.device)
+    (train_x, train_y), (test_x, test_y) = load_data(cfg)
+
+    teacher = load_model(cfg.teacher) if cfg.teacher is not None else None
+    torch.manual_seed(cfg.seed)  # student init independent of whether a teacher was built
+    student = load_model(cfg.student)
+    terms = build_terms(cfg.distill, teacher is not None)
+
+    train_tensors: tuple[Tensor, ...] = (train_x, train_y)
+    eval_loader = TensorBatchLoader(test_x, test_y, batch_size=cfg.data.eval_batch_size)
+    teacher_metrics: dict[str, float] | None = None
+    live_teacher = teacher
+    if teacher is not None:
+        teacher.to(device)
+        teacher_metrics = evaluate(teacher, eval_loader, device)
+        if cfg.distill.cache_teacher and any(t.uses_teacher for t in terms):
+            _check_cacheable(cfg, terms)
+            # Run the frozen teacher once; every epoch then reads its logits (N, C).
+            train_tensors += (predict_logits(teacher, train_x, cfg.data.eval_batch_size, device),)
+            live_teacher = None
+            teacher.cpu()
+    distiller = Distiller(student, terms, live_teacher)
+
+    train_loader = TensorBatchLoader(*train_tensors, batch_size=cfg.data.batch_size,
+                                     shuffle=True, augment=cfg.data.augment, drop_last=True,
+                                     seed=cfg.seed)
+    trainer = Trainer(distiller, train_loader, eval_loader, cfg.optim, cfg.train.epochs,
+                      cfg.output_dir, device=device, progress=cfg.train.progress,
+                      config=cfg.to_dict())
+    fit = trainer.fit(resume=resume)
+    summary = {
+        "student": {"model": cfg.student.model, "parameters": count_parameters(student),
+                    "test_accuracy": fit.final["test_accuracy"],
+                    "best_test_accuracy": max(r["test_accuracy"] for r in fit.history),
+                    "weights": str(fit.student_path)},
+        "teacher": None if teacher is None else {
+            "model": cfg.teacher.model if cfg.teacher else None,
+            "parameters": count_parameters(teacher),
+            "test_accuracy": teacher_metrics["accuracy"] if teacher_metrics else None},
+        "terms": [{"name": t.name, "weight": t.weight, "student": t.student,
+                   "teacher": t.teacher} for t in distiller.terms],
+        "epochs": cfg.train.epochs,
+        "train_samples": int(train_x.shape[0]),
+        "seconds": sum(r["epoch_time_s"] for r in fit.history),
+        "config": cfg.to_dict(),
+    }
+    atomic_write_text(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return RunResult(fit, summary)
+
+
+def _check_cacheable(cfg: ExperimentConfig, terms: list[LossTerm]) -> None:
+    if cfg.data.augment:
+        raise ValueError(
+            "distill.cache_teacher: true needs data.augment: false (the cache holds one teacher "
+            "output per un-augmented image); set one of them to false"
+        )
+    layers = sorted({t.teacher for t in terms if t.teacher not in (None, LOGITS)})
+    if layers:
+        raise ValueError(
+            f"distill.cache_teacher caches teacher logits only, but the terms also read teacher "
+            f"layers {layers}; set distill.cache_teacher: false"
+        )
