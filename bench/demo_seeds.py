@@ -27,27 +27,38 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--output-dir", default="runs/demo_seeds")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra overrides for the KD run, e.g. distill.temperature=8")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for both runs, e.g. distill.temperature=8",
+    )
     args = parser.parse_args()
 
     rows = []
     for seed in args.seeds:
-        no_kd_cfg, kd_cfg = demo_configs(Path(args.output_dir) / f"seed{seed}", quick=False,
-                                         seed=seed, epochs=args.epochs, data_root=None,
-                                         progress=False)
-        for item in args.set:
-            key, _, value = item.partition("=")
-            section, _, name = key.partition(".")
-            setattr(getattr(kd_cfg, section), name, type(getattr(getattr(kd_cfg, section), name))(value))
+        no_kd_cfg, kd_cfg = demo_configs(
+            Path(args.output_dir) / f"seed{seed}",
+            quick=False,
+            seed=seed,
+            epochs=args.epochs,
+            data_root=None,
+            progress=False,
+            extra=args.set,
+        )
         no_kd = run_experiment(no_kd_cfg).summary
         kd = run_experiment(kd_cfg).summary
-        row = {"seed": seed,
-               "no_kd": no_kd["student"]["test_accuracy"], "kd": kd["student"]["test_accuracy"],
-               "no_kd_best": no_kd["student"]["best_test_accuracy"],
-               "kd_best": kd["student"]["best_test_accuracy"],
-               "no_kd_s": no_kd["seconds"], "kd_s": kd["seconds"],
-               "teacher": kd["teacher"]["test_accuracy"]}
+        row = {
+            "seed": seed,
+            "no_kd": no_kd["student"]["test_accuracy"],
+            "kd": kd["student"]["test_accuracy"],
+            "no_kd_best": no_kd["student"]["best_test_accuracy"],
+            "kd_best": kd["student"]["best_test_accuracy"],
+            "no_kd_s": no_kd["seconds"],
+            "kd_s": kd["seconds"],
+            "teacher": kd["teacher"]["test_accuracy"],
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(_markdown(rows, kd_cfg))
@@ -85,8 +96,9 @@ def _markdown(rows: list[dict], kd_cfg) -> str:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True,
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -8,6 +8,7 @@ from kdistill.config import DistillConfig
 from kdistill.distiller import Distiller, LossTerm
 from kdistill.experiment import build_terms
 from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy, hinton_loss
+from kdistill.losses.fitnets import HintLoss
 
 IN, CLASSES = 6, 3
 
@@ -44,7 +45,7 @@ def kd_ce_terms() -> list[LossTerm]:
 def feature_distiller(adapter: nn.Module | None = None) -> Distiller:
     terms = [
         LossTerm("kd", KDLoss(2.0), 1.0),
-        LossTerm("hint", nn.MSELoss(), 0.5, student="fc1", teacher="fc1", adapter=adapter),
+        LossTerm("hint", HintLoss(), 0.5, student="fc1", teacher="fc1", adapter=adapter),
     ]
     return Distiller(Net(4), terms, teacher=Net(8))
 

@@ -27,6 +27,13 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- test-command -->" in ci
     found = subprocess.run(
-        ["awk", '/<!-- test-command -->/{getline; while ($0 ~ /^```/) getline; print; exit}',
-         str(README)], capture_output=True, text=True, check=True).stdout.strip()
+        [
+            "awk",
+            "/<!-- test-command -->/{getline; while ($0 ~ /^```/) getline; print; exit}",
+            str(README),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert found.startswith("bash setup.sh") and "pytest" in found

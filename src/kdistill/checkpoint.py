@@ -52,10 +52,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def save_weights(path: str | os.PathLike[str], state: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+def save_weights(
+    path: str | os.PathLike[str],
+    state: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Save a state dict as safetensors atomically (tensors made contiguous, CPU)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
+    return atomic_write(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+    )
 
 
 def load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:

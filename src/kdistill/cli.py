@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from kdistill.config import ConfigError, load_config
+from kdistill.trainer import ResumeError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -15,16 +16,25 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     result = run_experiment(cfg, resume=args.resume)
     student = result.summary["student"]
-    print(f"student {student['model']}: test accuracy {student['test_accuracy']:.4f} "
-          f"(best {student['best_test_accuracy']:.4f}); weights in {student['weights']}")
+    print(
+        f"student {student['model']}: test accuracy {student['test_accuracy']:.4f} "
+        f"(best {student['best_test_accuracy']:.4f}); weights in {student['weights']}"
+    )
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from kdistill.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed, epochs=args.epochs,
-             retrain_teacher=args.retrain_teacher, data_root=args.data, progress=not args.no_progress)
+    run_demo(
+        output_dir=args.output_dir,
+        quick=args.quick,
+        seed=args.seed,
+        epochs=args.epochs,
+        retrain_teacher=args.retrain_teacher,
+        data_root=args.data,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -34,10 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train from a YAML config")
     run.add_argument("config", help="path to an experiment YAML file")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set distill.temperature=8 (repeatable)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the newest checkpoint in output_dir")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set distill.temperature=8 (repeatable)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
+    )
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="teacher vs student with and without KD on Fashion-MNIST")
@@ -45,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=None, help="student epochs (default 15)")
-    demo.add_argument("--retrain-teacher", action="store_true",
-                      help="train the teacher instead of loading the shipped checkpoint")
+    demo.add_argument(
+        "--retrain-teacher",
+        action="store_true",
+        help="train the teacher instead of loading the shipped checkpoint",
+    )
     demo.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
@@ -58,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, ResumeError, FileNotFoundError) as err:
         print(f"kdistill: error: {err}", file=sys.stderr)
         return 2
 

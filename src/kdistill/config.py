@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,22 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``5E4`` as floats (YAML 1.1 needs a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML with :class:`_Loader` (safe, scientific notation as floats)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -76,8 +93,7 @@ class TermConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
+        _check_non_negative(self, "weight")
 
 
 @dataclass
@@ -99,13 +115,17 @@ class DistillConfig:
         if not self.temperature > 0:
             raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha: must be in [0, 1] (weight of the soft term), got {self.alpha}")
+            raise ConfigError(
+                f"alpha: must be in [0, 1] (weight of the soft term), got {self.alpha}"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         names = [t.name for t in self.terms]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ConfigError(f"terms: duplicate term names {duplicates}; give each term its own name")
+            raise ConfigError(
+                f"terms: duplicate term names {duplicates}; give each term its own name"
+            )
 
 
 @dataclass
@@ -126,7 +146,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "lr")
         _check_non_negative(self, "weight_decay", "warmup_epochs")
-        if self.grad_clip is not None and self.grad_clip <= 0:
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
         if self.schedule == "step" and not self.milestones:
             raise ConfigError("milestones: the step schedule needs a list of epochs, e.g. [30, 60]")
@@ -146,7 +168,9 @@ class TrainConfig:
         _check_positive(self, "epochs")
         _check_optional_positive(self, "threads")
         if not (self.device in ("cpu", "auto", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device: must be one of cpu, cuda, cuda:N, auto; got {self.device!r}")
+            raise ConfigError(
+                f"device: must be one of cpu, cuda, cuda:N, auto; got {self.device!r}"
+            )
 
 
 @dataclass
@@ -177,11 +201,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return config_from_dict(apply_overrides(data, overrides))
 
 
@@ -207,7 +233,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = parse_yaml(raw)
         except yaml.YAMLError:
             node[parts[-1]] = raw
     return data
@@ -278,7 +304,10 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {value} is too large for a float") from None
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
@@ -316,11 +345,11 @@ def _check_positive(obj: Any, *names: str) -> None:
 def _check_optional_positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             raise ConfigError(f"{name}: must be > 0 or null, got {value}")
 
 
 def _check_non_negative(obj: Any, *names: str) -> None:
     for name in names:
-        if getattr(obj, name) < 0:
+        if not getattr(obj, name) >= 0:  # also rejects NaN
             raise ConfigError(f"{name}: must be >= 0, got {getattr(obj, name)}")

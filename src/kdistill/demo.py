@@ -34,9 +34,19 @@ def packaged_config(name: str) -> Path:
     return Path(str(resources.files("kdistill") / "configs" / f"{name}.yaml"))
 
 
-def demo_configs(output_dir: str | Path, quick: bool, seed: int, epochs: int | None,
-                 data_root: str | None, progress: bool) -> tuple[ExperimentConfig, ExperimentConfig]:
-    """The no-KD and KD student configs: identical except for the teacher and alpha."""
+def demo_configs(
+    output_dir: str | Path,
+    quick: bool,
+    seed: int,
+    epochs: int | None,
+    data_root: str | None,
+    progress: bool,
+    extra: list[str] | tuple[str, ...] = (),
+) -> tuple[ExperimentConfig, ExperimentConfig]:
+    """The no-KD and KD student configs: identical except for the teacher and alpha.
+
+    ``extra`` holds ``key=value`` overrides (as ``kdistill run --set``) applied to both.
+    """
     overrides = [f"seed={seed}", f"train.progress={str(progress).lower()}"]
     if quick:
         overrides += ["data.train_subset=3000", "data.test_subset=1000", "train.epochs=2"]
@@ -44,17 +54,26 @@ def demo_configs(output_dir: str | Path, quick: bool, seed: int, epochs: int | N
         overrides.append(f"train.epochs={epochs}")
     if data_root is not None:
         overrides.append(f"data.root={data_root}")
+    overrides += list(extra)
     kd = load_config(packaged_config("fashion_mnist_demo"), overrides)
     kd.output_dir = str(Path(output_dir) / "student_kd")
-    no_kd = dataclasses.replace(kd, teacher=None, output_dir=str(Path(output_dir) / "student_no_kd"),
-                                distill=dataclasses.replace(kd.distill, alpha=0.0))
+    no_kd = dataclasses.replace(
+        kd,
+        teacher=None,
+        output_dir=str(Path(output_dir) / "student_no_kd"),
+        distill=dataclasses.replace(kd.distill, alpha=0.0),
+    )
     return no_kd, kd
 
 
-def teacher_config(output_dir: str | Path, quick: bool, seed: int, data_root: str | None,
-                   progress: bool) -> ExperimentConfig:
-    overrides = [f"seed={seed}", f"train.progress={str(progress).lower()}",
-                 f"output_dir={Path(output_dir) / 'teacher'}"]
+def teacher_config(
+    output_dir: str | Path, quick: bool, seed: int, data_root: str | None, progress: bool
+) -> ExperimentConfig:
+    overrides = [
+        f"seed={seed}",
+        f"train.progress={str(progress).lower()}",
+        f"output_dir={Path(output_dir) / 'teacher'}",
+    ]
     if quick:
         overrides += ["data.train_subset=3000", "data.test_subset=1000", "train.epochs=2"]
     if data_root is not None:
@@ -62,17 +81,25 @@ def teacher_config(output_dir: str | Path, quick: bool, seed: int, data_root: st
     return load_config(packaged_config("fashion_mnist_teacher"), overrides)
 
 
-def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
-             epochs: int | None = None, retrain_teacher: bool = False,
-             data_root: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    quick: bool = False,
+    seed: int = 0,
+    epochs: int | None = None,
+    retrain_teacher: bool = False,
+    data_root: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the three-way comparison; returns the report as a dict (also written to disk)."""
     output_dir = Path(output_dir)
     started = time.perf_counter()
     no_kd_cfg, kd_cfg = demo_configs(output_dir, quick, seed, epochs, data_root, progress)
 
     teacher_file = _teacher_weights(output_dir, quick, seed, data_root, progress, retrain_teacher)
-    kd_cfg.teacher = ModelConfig(model=kd_cfg.teacher.model if kd_cfg.teacher else "teacher_cnn",
-                                 checkpoint=str(teacher_file))
+    kd_cfg.teacher = ModelConfig(
+        model=kd_cfg.teacher.model if kd_cfg.teacher else "teacher_cnn",
+        checkpoint=str(teacher_file),
+    )
 
     print(f"[1/2] student without KD ({no_kd_cfg.student.model}, {no_kd_cfg.train.epochs} epochs)")
     no_kd = run_experiment(no_kd_cfg)
@@ -100,8 +127,9 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, seed: in
     return report
 
 
-def _teacher_weights(output_dir: Path, quick: bool, seed: int, data_root: str | None,
-                     progress: bool, retrain: bool) -> Path:
+def _teacher_weights(
+    output_dir: Path, quick: bool, seed: int, data_root: str | None, progress: bool, retrain: bool
+) -> Path:
     if not retrain:
         try:
             return builtin_checkpoint(TEACHER_ASSET)
@@ -112,20 +140,38 @@ def _teacher_weights(output_dir: Path, quick: bool, seed: int, data_root: str | 
     return run_experiment(cfg).fit.student_path
 
 
-def _measure(kd_cfg: ExperimentConfig, teacher_file: Path, no_kd: Any, kd: Any,
-             repeats: int) -> list[ModelRow]:
+def _measure(
+    kd_cfg: ExperimentConfig, teacher_file: Path, no_kd: Any, kd: Any, repeats: int
+) -> list[ModelRow]:
     assert kd_cfg.teacher is not None
     _, (test_x, test_y) = load_data(kd_cfg)
     loader = TensorBatchLoader(test_x, test_y, batch_size=512)
     example = test_x[:LATENCY_BATCH]
-    teacher = load_model(kd_cfg.teacher)
-    rows = [model_row("teacher", teacher, evaluate(teacher, loader)["accuracy"], teacher_file,
-                      example, repeats)]
+    teacher = load_model(kd_cfg.teacher, "teacher")
+    rows = [
+        model_row(
+            "teacher",
+            teacher,
+            evaluate(teacher, loader)["accuracy"],
+            teacher_file,
+            example,
+            repeats,
+        )
+    ]
     for name, result in (("student without KD", no_kd), ("student with KD", kd)):
-        student = load_model(dataclasses.replace(kd_cfg.student,
-                                                 checkpoint=str(result.fit.student_path)))
-        rows.append(model_row(name, student, evaluate(student, loader)["accuracy"],
-                              result.fit.student_path, example, repeats))
+        student = load_model(
+            dataclasses.replace(kd_cfg.student, checkpoint=str(result.fit.student_path))
+        )
+        rows.append(
+            model_row(
+                name,
+                student,
+                evaluate(student, loader)["accuracy"],
+                result.fit.student_path,
+                example,
+                repeats,
+            )
+        )
     return rows
 
 

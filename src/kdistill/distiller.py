@@ -14,6 +14,7 @@ mode (as mdistiller's ``Distiller.train`` does).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -68,14 +69,13 @@ class LossTerm(nn.Module):
     def forward(self, student_value: Tensor, reference: Tensor) -> Tensor:
         if self.adapter is not None:
             student_value = self.adapter(student_value)
-        if reference.is_floating_point() and student_value.shape != reference.shape:
+        try:
+            return self.loss(student_value, reference)
+        except ValueError as err:  # name the term and its tensors in shape errors
             raise ValueError(
-                f"loss term {self.name!r}: student {self.student!r} gives shape "
-                f"{tuple(student_value.shape)} but teacher {self.teacher!r} gives "
-                f"{tuple(reference.shape)}; give the term an adapter that maps one onto the "
-                "other, or pick layers of matching shape"
-            )
-        return self.loss(student_value, reference)
+                f"loss term {self.name!r} (student {self.student!r} {tuple(student_value.shape)} "
+                f"vs {self.teacher or 'labels'!r} {tuple(reference.shape)}): {err}"
+            ) from err
 
     def extra_repr(self) -> str:
         other = self.teacher if self.teacher is not None else "labels"
@@ -201,7 +201,9 @@ class Distiller(nn.Module):
         total = logits.new_zeros((), dtype=torch.float32)
         result: dict[str, Tensor] = {}
         for term in self.terms:
-            value = term(student_values[term.student], self._reference(term, teacher_values, target))
+            value = term(
+                student_values[term.student], self._reference(term, teacher_values, target)
+            )
             total = total + term.weight * value
             result[f"{term.name}_loss"] = value.detach()
         result["loss"] = total
@@ -214,7 +216,9 @@ class Distiller(nn.Module):
     ) -> Tensor:
         if term.teacher is None:
             if target is None:
-                raise ValueError(f"loss term {term.name!r} compares with labels, but none were given")
+                raise ValueError(
+                    f"loss term {term.name!r} compares with labels, but none were given"
+                )
             return target
         if term.teacher not in teacher_values:
             raise KeyError(

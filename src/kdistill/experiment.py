@@ -18,14 +18,21 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.checkpoint import atomic_write_text, load_weights
-from kdistill.config import DistillConfig, ExperimentConfig, ModelConfig
+from kdistill.config import ConfigError, DistillConfig, ExperimentConfig, ModelConfig
 from kdistill.data import fashion_mnist_dataset
 from kdistill.data.loader import TensorBatchLoader
 from kdistill.distiller import LOGITS, Distiller, LossTerm
 from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy
 from kdistill.losses.registry import LOSSES
 from kdistill.models import build_model, count_parameters
-from kdistill.trainer import FitResult, Trainer, evaluate, predict_logits, resolve_device, seed_everything
+from kdistill.trainer import (
+    FitResult,
+    Trainer,
+    evaluate,
+    predict_logits,
+    resolve_device,
+    seed_everything,
+)
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -50,17 +57,22 @@ def resolve_checkpoint(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
-def load_model(cfg: ModelConfig) -> nn.Module:
+def load_model(cfg: ModelConfig, key: str = "student") -> nn.Module:
     """Build the model and, when a checkpoint is named, load its weights strictly."""
-    model = build_model(cfg.model, **cfg.kwargs)
+    try:
+        model = build_model(cfg.model, **cfg.kwargs)
+    except KeyError as err:
+        raise ConfigError(f"{key}.model: {err.args[0]}") from None
+    except TypeError as err:
+        raise ConfigError(f"{key}.kwargs: {err}") from None
     if cfg.checkpoint:
         path = resolve_checkpoint(cfg.checkpoint)
         state = load_weights(path)
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {path} does not fit model {cfg.model!r} {cfg.kwargs}: {err}"
+            raise ConfigError(
+                f"{key}.checkpoint: {path} does not fit model {cfg.model!r} {cfg.kwargs}: {err}"
             ) from None
     return model
 
@@ -77,22 +89,32 @@ def build_terms(cfg: DistillConfig, has_teacher: bool) -> list[LossTerm]:
     """
     if cfg.terms:
         terms = [
-            LossTerm(t.name, _build_loss(t.loss, t.params, f"distill.terms[{i}]"), t.weight,
-                     student=t.student, teacher=t.teacher)
+            LossTerm(
+                t.name,
+                _build_loss(t.loss, t.params, f"distill.terms[{i}]"),
+                t.weight,
+                student=t.student,
+                teacher=t.teacher,
+            )
             for i, t in enumerate(cfg.terms)
         ]
         if not has_teacher and any(t.uses_teacher for t in terms):
-            raise ValueError("distill.terms use the teacher, but the config has no teacher: section")
+            raise ConfigError(
+                "distill.terms: terms use the teacher, but the config has no teacher: section"
+            )
         return terms
     hard: nn.Module = (
-        LabelSmoothingCrossEntropy(cfg.label_smoothing) if cfg.label_smoothing > 0
+        LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        if cfg.label_smoothing > 0
         else LabelSmoothingCrossEntropy(0.0)
     )
     hard_name = "label_smoothing" if cfg.label_smoothing > 0 else "ce"
     if not has_teacher:
         return [LossTerm(hard_name, hard, 1.0, teacher=None)]
-    terms = [LossTerm("kd", KDLoss(cfg.temperature), cfg.alpha),
-             LossTerm(hard_name, hard, 1.0 - cfg.alpha, teacher=None)]
+    terms = [
+        LossTerm("kd", KDLoss(cfg.temperature), cfg.alpha),
+        LossTerm(hard_name, hard, 1.0 - cfg.alpha, teacher=None),
+    ]
     return [t for t in terms if t.weight > 0]
 
 
@@ -100,11 +122,11 @@ def _build_loss(name: str, params: dict[str, Any], key: str) -> nn.Module:
     try:
         factory = LOSSES.get(name)
     except KeyError as err:
-        raise ValueError(f"{key}.loss: {err.args[0]}") from None
+        raise ConfigError(f"{key}.loss: {err.args[0]}") from None
     try:
         return factory(**params)
     except TypeError as err:
-        raise ValueError(f"{key}.params: {err}") from None
+        raise ConfigError(f"{key}.params: {err}") from None
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -135,7 +157,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     device = resolve_device(cfg.train.device)
     (train_x, train_y), (test_x, test_y) = load_data(cfg)
 
-    teacher = load_model(cfg.teacher) if cfg.teacher is not None else None
+    teacher = load_model(cfg.teacher, "teacher") if cfg.teacher is not None else None
     torch.manual_seed(cfg.seed)  # student init independent of whether a teacher was built
     student = load_model(cfg.student)
     terms = build_terms(cfg.distill, teacher is not None)
@@ -155,24 +177,45 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
             teacher.cpu()
     distiller = Distiller(student, terms, live_teacher)
 
-    train_loader = TensorBatchLoader(*train_tensors, batch_size=cfg.data.batch_size,
-                                     shuffle=True, augment=cfg.data.augment, drop_last=True,
-                                     seed=cfg.seed)
-    trainer = Trainer(distiller, train_loader, eval_loader, cfg.optim, cfg.train.epochs,
-                      cfg.output_dir, device=device, progress=cfg.train.progress,
-                      config=cfg.to_dict())
+    train_loader = TensorBatchLoader(
+        *train_tensors,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        augment=cfg.data.augment,
+        drop_last=True,
+        seed=cfg.seed,
+    )
+    trainer = Trainer(
+        distiller,
+        train_loader,
+        eval_loader,
+        cfg.optim,
+        cfg.train.epochs,
+        cfg.output_dir,
+        device=device,
+        progress=cfg.train.progress,
+        config=cfg.to_dict(),
+    )
     fit = trainer.fit(resume=resume)
     summary = {
-        "student": {"model": cfg.student.model, "parameters": count_parameters(student),
-                    "test_accuracy": fit.final["test_accuracy"],
-                    "best_test_accuracy": max(r["test_accuracy"] for r in fit.history),
-                    "weights": str(fit.student_path)},
-        "teacher": None if teacher is None else {
+        "student": {
+            "model": cfg.student.model,
+            "parameters": count_parameters(student),
+            "test_accuracy": fit.final["test_accuracy"],
+            "best_test_accuracy": max(r["test_accuracy"] for r in fit.history),
+            "weights": str(fit.student_path),
+        },
+        "teacher": None
+        if teacher is None
+        else {
             "model": cfg.teacher.model if cfg.teacher else None,
             "parameters": count_parameters(teacher),
-            "test_accuracy": teacher_metrics["accuracy"] if teacher_metrics else None},
-        "terms": [{"name": t.name, "weight": t.weight, "student": t.student,
-                   "teacher": t.teacher} for t in distiller.terms],
+            "test_accuracy": teacher_metrics["accuracy"] if teacher_metrics else None,
+        },
+        "terms": [
+            {"name": t.name, "weight": t.weight, "student": t.student, "teacher": t.teacher}
+            for t in distiller.terms
+        ],
         "epochs": cfg.train.epochs,
         "train_samples": int(train_x.shape[0]),
         "seconds": sum(r["epoch_time_s"] for r in fit.history),
@@ -184,13 +227,13 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
 
 def _check_cacheable(cfg: ExperimentConfig, terms: list[LossTerm]) -> None:
     if cfg.data.augment:
-        raise ValueError(
+        raise ConfigError(
             "distill.cache_teacher: true needs data.augment: false (the cache holds one teacher "
             "output per un-augmented image); set one of them to false"
         )
     layers = sorted({t.teacher for t in terms if t.teacher not in (None, LOGITS)})
     if layers:
-        raise ValueError(
-            f"distill.cache_teacher caches teacher logits only, but the terms also read teacher "
+        raise ConfigError(
+            f"distill.cache_teacher: caches teacher logits only, but the terms also read teacher "
             f"layers {layers}; set distill.cache_teacher: false"
         )

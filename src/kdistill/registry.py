@@ -44,7 +44,7 @@ class Registry(Generic[T]):
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise KeyError(
             f"unknown {self.kind} {name!r}{extra}; choose one of: {', '.join(self.names())}, "
-            f"or give an import path such as 'my_package.models:build_model'"
+            f"or give an import path such as 'my_package.module:make_{self.kind}'"
         )
 
     def build(self, name: str, **kwargs: Any) -> T:
@@ -69,4 +69,6 @@ def _import_attr(path: str, kind: str) -> Callable[..., Any]:
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise KeyError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}") from None
+        raise KeyError(
+            f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}"
+        ) from None

@@ -51,8 +51,14 @@ def measure_latency(model: nn.Module, example: Tensor, repeats: int = 30, warmup
     return statistics.median(times)
 
 
-def model_row(name: str, model: nn.Module, accuracy: float, weights_file: str | Path,
-              example: Tensor, repeats: int = 30) -> ModelRow:
+def model_row(
+    name: str,
+    model: nn.Module,
+    accuracy: float,
+    weights_file: str | Path,
+    example: Tensor,
+    repeats: int = 30,
+) -> ModelRow:
     return ModelRow(
         name=name,
         test_accuracy=accuracy,

@@ -36,8 +36,19 @@ from kdistill.distiller import LOGITS, Distiller
 
 # Config keys that may differ between a checkpoint and the resuming run without changing
 # what is trained.
-RESUMABLE_DIFFERENCES = ("train.progress", "train.epochs", "train.threads", "train.device",
-                         "data.num_workers", "data.eval_batch_size", "output_dir")
+# what is trained (``train.epochs`` is not among them: it shapes the LR schedule).
+RESUMABLE_DIFFERENCES = (
+    "train.progress",
+    "train.threads",
+    "train.device",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "output_dir",
+)
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed exactly (incomplete state, or a changed config)."""
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -60,20 +71,27 @@ def resolve_device(name: str) -> torch.device:
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+        )
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step schedule. Milestones and warm-up are given in epochs."""
     total = epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=0.25)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25
+        )
     warmup = cfg.warmup_epochs * steps_per_epoch
     milestones = [m * steps_per_epoch for m in cfg.milestones]
 
@@ -91,8 +109,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, ...]],
-             device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[Tensor, ...]], device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` over ``loader``'s ``(x, y, ...)``."""
     was_training = model.training
     model.eval()
@@ -110,13 +129,16 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, ...]],
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, inputs: Tensor, batch_size: int = 512,
-                   device: torch.device | str = "cpu") -> Tensor:
+def predict_logits(
+    model: nn.Module, inputs: Tensor, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> Tensor:
     """Logits ``(N, C)`` of a frozen model over ``inputs`` ``(N, ...)``, on CPU."""
     was_training = model.training
     model.eval()
-    out = [model(inputs[i : i + batch_size].to(device)).float().cpu()
-           for i in range(0, inputs.shape[0], batch_size)]
+    out = [
+        model(inputs[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, inputs.shape[0], batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out)
 
@@ -198,8 +220,9 @@ class Trainer:
             self._write_metrics()
             if self.progress:
                 tqdm.write(_format_row(row))
-        student_path = save_weights(self.output_dir / "student.safetensors",
-                                    self.distiller.student.state_dict())
+        student_path = save_weights(
+            self.output_dir / "student.safetensors", self.distiller.student.state_dict()
+        )
         return FitResult(self.history, self.output_dir, student_path)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -210,8 +233,13 @@ class Trainer:
         sums: dict[str, Tensor] = {}
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}",
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for step, batch in enumerate(bar):
             x, y = batch[0].to(self.device), batch[1].to(self.device)
             cached = {LOGITS: batch[2].to(self.device)} if len(batch) > 2 else None
@@ -225,8 +253,9 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + out["loss"].detach() * n
             correct += (out["logits"].argmax(-1) == y).sum()
             if self.progress and step % 20 == 0:
-                bar.set_postfix(loss=f"{sums['loss'].item() / seen:.4f}",
-                                acc=f"{correct.item() / seen:.3f}")
+                bar.set_postfix(
+                    loss=f"{sums['loss'].item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}"
+                )
         metrics = {f"train_{k}": (v / seen).item() for k, v in sums.items()}
         metrics["train_accuracy"] = correct.item() / max(seen, 1)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -244,8 +273,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.optim_cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.distiller.trainable_parameters()),
-                                           self.optim_cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                list(self.distiller.trainable_parameters()), self.optim_cfg.grad_clip
+            )
         self.optimizer.step()
         self.scheduler.step()
 
@@ -254,6 +284,8 @@ class Trainer:
     def _save(self, epochs_done: int) -> None:
         state = {
             "epoch": epochs_done,
+            "epochs": self.epochs,
+            "steps_per_epoch": len(self.train_loader),  # type: ignore[arg-type]
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -263,8 +295,13 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        save_checkpoint(self.checkpoint_dir, epochs_done, self.distiller.trainable_state_dict(),
-                        state, keep_last=self.keep_last)
+        save_checkpoint(
+            self.checkpoint_dir,
+            epochs_done,
+            self.distiller.trainable_state_dict(),
+            state,
+            keep_last=self.keep_last,
+        )
 
     def _resume(self) -> int:
         folder = latest_checkpoint(self.checkpoint_dir)
@@ -273,11 +310,21 @@ class Trainer:
                 tqdm.write(f"no checkpoint in {self.checkpoint_dir}; starting from scratch")
             return 0
         weights, state = load_checkpoint(folder)
-        missing = [k for k in ("epoch", "optimizer", "scheduler", "torch_rng", "python_rng")
-                   if k not in state]
+        missing = [
+            k
+            for k in ("epoch", "optimizer", "scheduler", "torch_rng", "python_rng")
+            if k not in state
+        ]
         if missing:
-            raise ValueError(f"{folder}: checkpoint state lacks {missing}; cannot resume exactly")
+            raise ResumeError(f"{folder}: checkpoint state lacks {missing}; cannot resume exactly")
         _check_same_config(json.loads(state.get("config", "{}")), self.config, folder)
+        schedule = (state.get("epochs"), state.get("steps_per_epoch"))
+        if schedule != (self.epochs, len(self.train_loader)):  # type: ignore[arg-type]
+            raise ResumeError(
+                f"cannot resume from {folder}: it was trained for {schedule[0]} epochs of "
+                f"{schedule[1]} steps, this run has {self.epochs} epochs of "
+                f"{len(self.train_loader)} steps (the LR schedule depends on both)"  # type: ignore[arg-type]
+            )
         self.distiller.load_trainable_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -307,12 +354,15 @@ def _check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], fol
     if not saved or not current:
         return
     before, after = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in before.keys() | after.keys()
-                     if before.get(k) != after.get(k)
-                     and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_DIFFERENCES))
+    changed = sorted(
+        k
+        for k in before.keys() | after.keys()
+        if before.get(k) != after.get(k)
+        and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_DIFFERENCES)
+    )
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
-        raise ValueError(
+        raise ResumeError(
             f"cannot resume from {folder}: the config changed in ways that change training "
             f"({details}). Resume with the original config or start a new output_dir."
         )
@@ -334,6 +384,8 @@ def _as_tuple(value: Any) -> Any:
 
 
 def _format_row(row: Mapping[str, Any]) -> str:
-    return (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
-            f"train_acc {row['train_accuracy']:.4f} test_acc {row['test_accuracy']:.4f} "
-            f"({row['epoch_time_s']:.1f}s)")
+    return (
+        f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
+        f"train_acc {row['train_accuracy']:.4f} test_acc {row['test_accuracy']:.4f} "
+        f"({row['epoch_time_s']:.1f}s)"
+    )

@@ -26,8 +26,8 @@ def random_shift_flip(images: Tensor, generator: torch.Generator, max_shift: int
     Args:
         images: ``(B, C, H, W)``.
     Returns:
-        ``(B, C, H, W)``, shifted with zero padding (background is 0 before normalisation
-        only approximately; the border pixels of Fashion-MNIST are almost all background).
+        ``(B, C, H, W)``, shifted with edge-replicating padding (Fashion-MNIST's border
+        pixels are almost all background, so this matches shifting in background).
     """
     b, _, h, w = images.shape
     padded = torch.nn.functional.pad(images, (max_shift,) * 4, mode="replicate")

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from torch import nn
 
+from kdistill.losses.attention import AttentionTransferLoss
+from kdistill.losses.correlation import CorrelationCongruenceLoss
+from kdistill.losses.cosine import CosineLoss
+from kdistill.losses.fitnets import HintLoss
 from kdistill.losses.kd import KDLoss
 from kdistill.losses.label_smoothing import LabelSmoothingCrossEntropy
+from kdistill.losses.pkt import PKTLoss
+from kdistill.losses.rkd import RKDLoss
+from kdistill.losses.similarity import SimilarityPreservingLoss
 from kdistill.registry import Registry
 
 LOSSES: Registry[nn.Module] = Registry("loss")
 LOSSES.add("kd", KDLoss)
 LOSSES.add("cross_entropy", lambda: LabelSmoothingCrossEntropy(smoothing=0.0))
 LOSSES.add("label_smoothing", LabelSmoothingCrossEntropy)
-LOSSES.add("mse", nn.MSELoss)
+LOSSES.add("hint", HintLoss)  # FitNets
+LOSSES.add("mse", HintLoss)
+LOSSES.add("attention", AttentionTransferLoss)
+LOSSES.add("cosine", CosineLoss)
+LOSSES.add("rkd", RKDLoss)
+LOSSES.add("sp", SimilarityPreservingLoss)
+LOSSES.add("pkt", PKTLoss)
+LOSSES.add("cc", CorrelationCongruenceLoss)

@@ -28,12 +28,19 @@ class TeacherCNN(nn.Module):
     the convolutions.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32,
-                 hidden: int = 256, dropout: float = 0.3) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 32,
+        hidden: int = 256,
+        dropout: float = 0.3,
+    ) -> None:
         super().__init__()
         self.stage1 = nn.Sequential(conv_bn_relu(in_channels, width), conv_bn_relu(width, width))
-        self.stage2 = nn.Sequential(conv_bn_relu(width, 2 * width),
-                                    conv_bn_relu(2 * width, 2 * width))
+        self.stage2 = nn.Sequential(
+            conv_bn_relu(width, 2 * width), conv_bn_relu(2 * width, 2 * width)
+        )
         self.pool = nn.MaxPool2d(2)
         self.head = nn.Sequential()
         self.head.add_module("flatten", nn.Flatten())
@@ -52,13 +59,19 @@ class TeacherCNN(nn.Module):
 class SmallCNN(nn.Module):
     """A compact student, ≈ 50 k parameters: four 3×3 convolutions and global pooling."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10,
-                 widths: tuple[int, int, int, int] = (16, 32, 48, 64)) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        widths: tuple[int, int, int, int] = (16, 32, 48, 64),
+    ) -> None:
         super().__init__()
         w1, w2, w3, w4 = widths
         self.features = nn.Sequential(
-            conv_bn_relu(in_channels, w1), nn.MaxPool2d(2),  # (B, w1, 14, 14)
-            conv_bn_relu(w1, w2), nn.MaxPool2d(2),  # (B, w2, 7, 7)
+            conv_bn_relu(in_channels, w1),
+            nn.MaxPool2d(2),  # (B, w1, 14, 14)
+            conv_bn_relu(w1, w2),
+            nn.MaxPool2d(2),  # (B, w2, 7, 7)
             conv_bn_relu(w2, w3),
             conv_bn_relu(w3, w4),  # (B, w4, 7, 7)
         )
@@ -73,8 +86,13 @@ class SmallCNN(nn.Module):
 class MLP(nn.Module):
     """A fully-connected student: flatten → hidden layers with ReLU → logits."""
 
-    def __init__(self, in_features: int = 28 * 28, num_classes: int = 10,
-                 hidden: tuple[int, ...] = (128,), dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_features: int = 28 * 28,
+        num_classes: int = 10,
+        hidden: tuple[int, ...] = (128,),
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
