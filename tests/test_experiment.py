@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 
-from kdistill.config import ExperimentConfig, config_from_dict
+from kdistill.config import ConfigError, ExperimentConfig, config_from_dict
 from kdistill.data import DatasetNotFoundError, find_fashion_mnist
 from kdistill.experiment import run_experiment
 
@@ -90,8 +91,24 @@ def test_cache_teacher_with_augmentation_raises_value_error_naming_both_keys(
     assert "distill.cache_teacher" in str(info.value)
 
 
-def test_cache_teacher_refuses_terms_that_read_teacher_layers(tmp_path: Path) -> None:
-    terms = [{"name": "hint", "loss": "mse", "student": "net.1", "teacher": "net.1"}]
-    cfg = tiny_config(tmp_path, cache_teacher=True, terms=terms)
-    with pytest.raises(ValueError, match=r"net\.1"):
-        run_experiment(cfg)
+def test_cached_teacher_layers_train_like_the_live_teacher(tmp_path: Path) -> None:
+    # net.2 is the ReLU after the first linear layer: (B, 32) student vs (B, 64) teacher,
+    # so the hint term gets an automatic Linear(32, 64) adapter.
+    terms = [
+        {"name": "hint", "loss": "hint", "student": "net.2", "teacher": "net.2"},
+        {"name": "ce", "loss": "cross_entropy", "teacher": None},
+    ]
+    cached = run_experiment(tiny_config(tmp_path / "cached", cache_teacher=True, terms=terms))
+    live = run_experiment(tiny_config(tmp_path / "live", cache_teacher=False, terms=terms))
+    for a, b in zip(cached.fit.history, live.fit.history, strict=True):
+        assert a["train_hint_loss"] == pytest.approx(b["train_hint_loss"], rel=1e-4)
+    weights = safetensors.torch.load_file(
+        str(tmp_path / "cached" / "checkpoints" / "epoch-0002" / "model.safetensors")
+    )
+    assert weights["terms.0.adapter.weight"].shape == (64, 32)
+
+
+def test_unknown_layer_in_a_term_is_a_config_error_listing_close_names(tmp_path: Path) -> None:
+    terms = [{"name": "hint", "loss": "hint", "student": "net.7", "teacher": "net.2"}]
+    with pytest.raises(ConfigError, match=r"distill\.terms.*net\.7.*closest"):
+        run_experiment(tiny_config(tmp_path, terms=terms))

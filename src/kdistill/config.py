@@ -91,9 +91,11 @@ class TermConfig:
     student: str = "logits"
     teacher: str | None = "logits"
     params: dict[str, Any] = field(default_factory=dict)
+    adapter: Literal["auto", "none"] = "auto"  # auto: built from a dry run when shapes differ
+    warmup_epochs: float = 0.0  # linear ramp of the weight from 0 (e.g. DKD uses 20)
 
     def __post_init__(self) -> None:
-        _check_non_negative(self, "weight")
+        _check_non_negative(self, "weight", "warmup_epochs")
 
 
 @dataclass
@@ -109,6 +111,7 @@ class DistillConfig:
     alpha: float = 0.9
     label_smoothing: float = 0.0  # applied to the hard-label term
     cache_teacher: bool = True  # run the frozen teacher once over the training set
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage of cached outputs
     terms: list[TermConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from kdistill.adapters import make_adapter
 from kdistill.taps import FeatureTaps
 
 LOGITS = "logits"
@@ -30,17 +31,26 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+AUTO = "auto"
+"""Pass ``adapter="auto"`` to build the adapter from a dry run (:meth:`Distiller.build_adapters`)."""
+
+
 class LossTerm(nn.Module):
     """One weighted loss comparing a student tensor with a teacher tensor or the labels.
 
     Args:
         name: label used in logs and in the output dict (``"<name>_loss"``).
-        loss: called as ``loss(student_tensor, reference)``; any ``nn.Module`` or function.
+        loss: called as ``loss(student_tensor, reference)``; any ``nn.Module``. Losses with
+            ``requires_target = True`` also get the labels, those with ``requires_index =
+            True`` the dataset indices (``index=``), e.g. DKD and CRD.
         weight: factor of this term in the total loss.
         student: ``"logits"`` or a student module name.
         teacher: ``"logits"``, a teacher module name, or ``None`` to compare with labels.
-        adapter: optional module applied to the student tensor first (e.g. a 1×1 conv
-            when the student layer is narrower than the teacher's, as in FitNets).
+        adapter: module applied to the student tensor first (e.g. a 1×1 conv when the
+            student layer is narrower than the teacher's, as in FitNets); ``"auto"`` builds
+            one from a dry run when the loss needs equal shapes and they differ.
+        warmup_epochs: ramp the weight linearly from 0 over this many epochs (DKD's
+            warm-up, Zhao et al. 2022); 0 applies the full weight from the start.
     """
 
     def __init__(
@@ -50,27 +60,61 @@ class LossTerm(nn.Module):
         weight: float = 1.0,
         student: str = LOGITS,
         teacher: str | None = LOGITS,
-        adapter: nn.Module | None = None,
+        adapter: nn.Module | str | None = None,
+        warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
-        if weight < 0:
+        if not weight >= 0:
             raise ValueError(f"loss term {name!r}: weight must be >= 0, got {weight}")
+        if not warmup_epochs >= 0:
+            raise ValueError(f"loss term {name!r}: warmup_epochs must be >= 0, got {warmup_epochs}")
+        if isinstance(adapter, str) and adapter != AUTO:
+            raise ValueError(f"loss term {name!r}: adapter must be a module, None or 'auto'")
         self.name = name
         self.loss = loss
         self.weight = float(weight)
         self.student = student
         self.teacher = teacher
-        self.adapter = adapter
+        self.auto_adapter = adapter == AUTO
+        self.adapter = adapter if isinstance(adapter, nn.Module) else None
+        self.warmup_epochs = float(warmup_epochs)
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher is not None
 
-    def forward(self, student_value: Tensor, reference: Tensor) -> Tensor:
+    def weight_at(self, epoch: float) -> float:
+        """The weight after ``epoch`` (fractional) epochs of training."""
+        if self.warmup_epochs > 0:
+            return self.weight * min(1.0, epoch / self.warmup_epochs)
+        return self.weight
+
+    def forward(
+        self,
+        student_value: Tensor,
+        reference: Tensor,
+        target: Tensor | None = None,
+        index: Tensor | None = None,
+    ) -> Tensor:
         if self.adapter is not None:
             student_value = self.adapter(student_value)
+        args: list[Tensor] = [student_value, reference]
+        kwargs: dict[str, Tensor] = {}
+        if getattr(self.loss, "requires_target", False):
+            if target is None:
+                raise ValueError(
+                    f"loss term {self.name!r} ({type(self.loss).__name__}) needs labels"
+                )
+            args.append(target)
+        if getattr(self.loss, "requires_index", False):
+            if index is None:
+                raise ValueError(
+                    f"loss term {self.name!r} ({type(self.loss).__name__}) needs the dataset "
+                    "index of each sample; pass index= to the distiller"
+                )
+            kwargs["index"] = index
         try:
-            return self.loss(student_value, reference)
+            return self.loss(*args, **kwargs)
         except ValueError as err:  # name the term and its tensors in shape errors
             raise ValueError(
                 f"loss term {self.name!r} (student {self.student!r} {tuple(student_value.shape)} "
@@ -116,6 +160,16 @@ class Distiller(nn.Module):
         self._teacher_taps = (
             FeatureTaps(teacher, self._layers(student=False)) if teacher is not None else None
         )
+        self.progress = 0.0  # epochs trained so far (fractional), for weight schedules
+
+    def drop_teacher(self) -> None:
+        """Forget the live teacher once its outputs come from a cache (frees its memory)."""
+        self.teacher = None
+        self._teacher_taps = None
+
+    def set_progress(self, epoch: float) -> None:
+        """Tell the terms how far training is (in epochs), for their weight schedules."""
+        self.progress = float(epoch)
 
     # -- what the terms need ---------------------------------------------------------
 
@@ -159,6 +213,37 @@ class Distiller(nn.Module):
         self.student.load_state_dict(student)
         self.terms.load_state_dict(terms)
 
+    # -- shapes and adapters -----------------------------------------------------------
+
+    @torch.no_grad()
+    def probe_shapes(self, inputs: Tensor) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
+        """Shapes of every tensor the terms compare, from one forward of each model in eval mode.
+
+        Returns ``(student_shapes, teacher_shapes)`` keyed by ``"logits"`` or layer name.
+        """
+        return probe_shapes(self.student, self._layers(student=True), inputs), (
+            probe_shapes(self.teacher, self._layers(student=False), inputs)
+            if self.teacher is not None
+            else {}
+        )
+
+    def build_adapters(self, inputs: Tensor) -> list[str]:
+        """Create the ``adapter="auto"`` adapters whose shapes differ; returns their term names.
+
+        Needs the live teacher. Call before building the optimizer, so it sees the adapters.
+        """
+        pending = [t for t in self.terms if t.auto_adapter and t.adapter is None and t.uses_teacher]
+        if not pending:
+            return []
+        student_shapes, teacher_shapes = self.probe_shapes(inputs)
+        built = []
+        for term in pending:
+            s, t = student_shapes[term.student], teacher_shapes[term.teacher]
+            if s[1:] != t[1:] and getattr(term.loss, "same_shape", False):
+                term.adapter = make_adapter(s, t).to(inputs.device)
+                built.append(term.name)
+        return built
+
     # -- forward ---------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -186,6 +271,7 @@ class Distiller(nn.Module):
         inputs: Tensor,
         target: Tensor | None = None,
         teacher_outputs: Mapping[str, Tensor] | None = None,
+        index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         with self._student_taps as taps:
             logits = self.student(inputs)  # (B, C)
@@ -226,3 +312,21 @@ class Distiller(nn.Module):
                 f"teacher_outputs hold only {sorted(teacher_values)}"
             )
         return teacher_values[term.teacher]
+
+
+@torch.no_grad()
+def probe_shapes(model: nn.Module, layers: Sequence[str], inputs: Tensor) -> dict[str, torch.Size]:
+    """Output shapes of ``model`` (as ``"logits"``) and its named ``layers`` on ``inputs``.
+
+    Runs in eval mode (so BatchNorm running statistics are untouched) and restores the mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with FeatureTaps(model, list(layers)) as taps:
+            logits = model(inputs)
+            shapes = {name: value.shape for name, value in taps.pop().items()}
+    finally:
+        model.train(was_training)
+    shapes[LOGITS] = logits.shape
+    return shapes

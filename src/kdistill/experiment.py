@@ -8,7 +8,9 @@ everything to the :class:`~kdistill.trainer.Trainer`.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,18 +20,18 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.checkpoint import atomic_write_text, load_weights
-from kdistill.config import ConfigError, DistillConfig, ExperimentConfig, ModelConfig
+from kdistill.config import ConfigError, DistillConfig, ExperimentConfig, ModelConfig, TermConfig
 from kdistill.data import fashion_mnist_dataset
 from kdistill.data.loader import TensorBatchLoader
-from kdistill.distiller import LOGITS, Distiller, LossTerm
+from kdistill.distiller import AUTO, LOGITS, Distiller, LossTerm, probe_shapes
 from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy
 from kdistill.losses.registry import LOSSES
 from kdistill.models import build_model, count_parameters
 from kdistill.trainer import (
+    TEACHER_PREFIX,
     FitResult,
     Trainer,
     evaluate,
-    predict_logits,
     resolve_device,
     seed_everything,
 )
@@ -80,7 +82,22 @@ def load_model(cfg: ModelConfig, key: str = "student") -> nn.Module:
 # -- loss terms ----------------------------------------------------------------------------
 
 
-def build_terms(cfg: DistillConfig, has_teacher: bool) -> list[LossTerm]:
+@dataclass
+class TermContext:
+    """What a dry run tells term construction: tensor shapes and the training-set size.
+
+    Losses whose factories take ``student_dim``, ``teacher_dim`` or ``num_samples`` (CRD)
+    get them from here unless the config sets them.
+    """
+
+    student_shapes: dict[str, torch.Size]
+    teacher_shapes: dict[str, torch.Size]
+    num_samples: int
+
+
+def build_terms(
+    cfg: DistillConfig, has_teacher: bool, context: TermContext | None = None
+) -> list[LossTerm]:
     """The weighted loss terms for a config.
 
     Without explicit ``terms``: ``alpha · KD`` + ``(1 − alpha) · CE`` (or label-smoothing CE)
@@ -89,26 +106,15 @@ def build_terms(cfg: DistillConfig, has_teacher: bool) -> list[LossTerm]:
     """
     if cfg.terms:
         terms = [
-            LossTerm(
-                t.name,
-                _build_loss(t.loss, t.params, f"distill.terms[{i}]"),
-                t.weight,
-                student=t.student,
-                teacher=t.teacher,
-            )
-            for i, t in enumerate(cfg.terms)
+            _term_from_config(t, f"distill.terms[{i}]", context) for i, t in enumerate(cfg.terms)
         ]
         if not has_teacher and any(t.uses_teacher for t in terms):
             raise ConfigError(
                 "distill.terms: terms use the teacher, but the config has no teacher: section"
             )
-        return terms
-    hard: nn.Module = (
-        LabelSmoothingCrossEntropy(cfg.label_smoothing)
-        if cfg.label_smoothing > 0
-        else LabelSmoothingCrossEntropy(0.0)
-    )
+        return [t for t in terms if t.weight > 0]
     hard_name = "label_smoothing" if cfg.label_smoothing > 0 else "ce"
+    hard = LabelSmoothingCrossEntropy(cfg.label_smoothing)
     if not has_teacher:
         return [LossTerm(hard_name, hard, 1.0, teacher=None)]
     terms = [
@@ -118,15 +124,62 @@ def build_terms(cfg: DistillConfig, has_teacher: bool) -> list[LossTerm]:
     return [t for t in terms if t.weight > 0]
 
 
-def _build_loss(name: str, params: dict[str, Any], key: str) -> nn.Module:
+def _term_from_config(t: TermConfig, key: str, context: TermContext | None) -> LossTerm:
     try:
-        factory = LOSSES.get(name)
+        factory = LOSSES.get(t.loss)
     except KeyError as err:
         raise ConfigError(f"{key}.loss: {err.args[0]}") from None
+    params = dict(t.params)
+    accepted = _parameters(factory)
+    if context is not None:
+        inferred = {
+            "student_dim": lambda: math.prod(context.student_shapes[t.student][1:]),
+            "teacher_dim": lambda: math.prod(context.teacher_shapes[t.teacher][1:]),  # type: ignore[index]
+            "num_samples": lambda: context.num_samples,
+        }
+        for name, value in inferred.items():
+            if name in accepted and name not in params:
+                params[name] = value()
     try:
-        return factory(**params)
-    except TypeError as err:
+        loss = factory(**params)
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"{key}.params: {err}") from None
+    return LossTerm(
+        t.name,
+        loss,
+        t.weight,
+        student=t.student,
+        teacher=t.teacher,
+        adapter=AUTO if t.adapter == "auto" else None,
+        warmup_epochs=t.warmup_epochs,
+    )
+
+
+def _parameters(factory: Any) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return set()
+
+
+def probe_terms(
+    cfg: DistillConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    example: Tensor,
+    num_samples: int,
+) -> TermContext:
+    """Dry-run both models on ``example`` to learn the shapes the configured terms compare."""
+    student_layers = sorted({t.student for t in cfg.terms} - {LOGITS})
+    teacher_layers = sorted({t.teacher for t in cfg.terms if t.teacher} - {LOGITS})
+    try:
+        student_shapes = probe_shapes(student, student_layers, example)
+        teacher_shapes = (
+            probe_shapes(teacher, teacher_layers, example) if teacher is not None else {}
+        )
+    except ValueError as err:  # an unknown layer name: FeatureTaps lists the close ones
+        raise ConfigError(f"distill.terms: {err}") from None
+    return TermContext(student_shapes, teacher_shapes, num_samples)
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -160,25 +213,34 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     teacher = load_model(cfg.teacher, "teacher") if cfg.teacher is not None else None
     torch.manual_seed(cfg.seed)  # student init independent of whether a teacher was built
     student = load_model(cfg.student)
-    terms = build_terms(cfg.distill, teacher is not None)
+    example = train_x[: min(8, train_x.shape[0])]
+    context = probe_terms(cfg.distill, student, teacher, example, int(train_x.shape[0]))
+    terms = build_terms(cfg.distill, teacher is not None, context)
+    distiller = Distiller(student, terms, teacher if any(t.uses_teacher for t in terms) else None)
+    distiller.build_adapters(example)
 
-    train_tensors: tuple[Tensor, ...] = (train_x, train_y)
     eval_loader = TensorBatchLoader(test_x, test_y, batch_size=cfg.data.eval_batch_size)
     teacher_metrics: dict[str, float] | None = None
-    live_teacher = teacher
+    cached: dict[str, Tensor] = {}
     if teacher is not None:
         teacher.to(device)
         teacher_metrics = evaluate(teacher, eval_loader, device)
-        if cfg.distill.cache_teacher and any(t.uses_teacher for t in terms):
-            _check_cacheable(cfg, terms)
-            # Run the frozen teacher once; every epoch then reads its logits (N, C).
-            train_tensors += (predict_logits(teacher, train_x, cfg.data.eval_batch_size, device),)
-            live_teacher = None
+        if distiller.teacher is not None and cfg.distill.cache_teacher:
+            _check_cacheable(cfg)
+            cached = cache_teacher_outputs(
+                distiller,
+                train_x,
+                cfg.data.eval_batch_size,
+                device,
+                getattr(torch, cfg.distill.cache_dtype),
+            )
+            distiller.drop_teacher()  # every teacher output now comes from the cache
             teacher.cpu()
-    distiller = Distiller(student, terms, live_teacher)
 
     train_loader = TensorBatchLoader(
-        *train_tensors,
+        inputs=train_x,
+        target=train_y,
+        **cached,
         batch_size=cfg.data.batch_size,
         shuffle=True,
         augment=cfg.data.augment,
@@ -225,15 +287,29 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     return RunResult(fit, summary)
 
 
-def _check_cacheable(cfg: ExperimentConfig, terms: list[LossTerm]) -> None:
+def cache_teacher_outputs(
+    distiller: Distiller,
+    inputs: Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """Run the frozen teacher once over ``inputs`` ``(N, ...)``; every tensor the terms read.
+
+    Returns ``{"teacher.<logits or layer>": (N, ...)}`` on CPU in ``dtype``, ready to be
+    batched alongside the inputs (see :func:`kdistill.trainer.unpack_batch`).
+    """
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, inputs.shape[0], batch_size):
+        outputs = distiller.teacher_forward(inputs[start : start + batch_size].to(device))
+        for key in distiller.teacher_keys:
+            parts.setdefault(key, []).append(outputs[key].to("cpu", dtype))
+    return {f"{TEACHER_PREFIX}{key}": torch.cat(chunks) for key, chunks in parts.items()}
+
+
+def _check_cacheable(cfg: ExperimentConfig) -> None:
     if cfg.data.augment:
         raise ConfigError(
             "distill.cache_teacher: true needs data.augment: false (the cache holds one teacher "
             "output per un-augmented image); set one of them to false"
-        )
-    layers = sorted({t.teacher for t in terms if t.teacher not in (None, LOGITS)})
-    if layers:
-        raise ConfigError(
-            f"distill.cache_teacher: caches teacher logits only, but the terms also read teacher "
-            f"layers {layers}; set distill.cache_teacher: false"
         )

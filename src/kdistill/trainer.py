@@ -15,7 +15,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,9 @@ def evaluate(
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     for batch in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
+        x, y, _, _ = unpack_batch(batch, device)
+        if y is None:
+            raise ValueError("evaluation needs labelled batches")
         logits = model(x)
         loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
@@ -126,6 +128,36 @@ def evaluate(
     if count == 0:
         raise ValueError("evaluation loader yielded no samples")
     return {"accuracy": correct / count, "loss": loss_sum / count}
+
+
+TEACHER_PREFIX = "teacher."
+"""Dict batches carry cached teacher outputs as ``"teacher.<logits or layer name>"``."""
+
+
+def unpack_batch(
+    batch: Sequence[Tensor] | Mapping[str, Tensor], device: torch.device | str
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor] | None, Tensor | None]:
+    """``(inputs, target, teacher_outputs, index)`` from a tuple or dict batch, on ``device``.
+
+    Tuples are ``(x, y)`` or ``(x, y, teacher_logits)``; dicts hold ``inputs`` and optionally
+    ``target``, ``index`` and ``teacher.<name>`` entries.
+    """
+    if isinstance(batch, Mapping):
+        teacher = {
+            k[len(TEACHER_PREFIX) :]: v.to(device, non_blocking=True)
+            for k, v in batch.items()
+            if k.startswith(TEACHER_PREFIX)
+        }
+        target, index = batch.get("target"), batch.get("index")
+        return (
+            batch["inputs"].to(device, non_blocking=True),
+            None if target is None else target.to(device, non_blocking=True),
+            teacher or None,
+            None if index is None else index.to(device, non_blocking=True),
+        )
+    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    teacher = {LOGITS: batch[2].to(device, non_blocking=True)} if len(batch) > 2 else None
+    return x, y, teacher, None
 
 
 @torch.inference_mode()
@@ -240,18 +272,20 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        steps = len(self.train_loader)  # type: ignore[arg-type]
         for step, batch in enumerate(bar):
-            x, y = batch[0].to(self.device), batch[1].to(self.device)
-            cached = {LOGITS: batch[2].to(self.device)} if len(batch) > 2 else None
-            out = self.distiller(x, y, teacher_outputs=cached)
+            x, y, cached, index = unpack_batch(batch, self.device)
+            self.distiller.set_progress(epoch + step / steps)
+            out = self.distiller(x, y, teacher_outputs=cached, index=index)
             self._step(out, epoch, step)
-            n = y.shape[0]
+            n = x.shape[0]
             seen += n
             for key, value in out.items():
                 if key.endswith("_loss"):
                     sums[key] = sums.get(key, 0.0) + value * n
             sums["loss"] = sums.get("loss", 0.0) + out["loss"].detach() * n
-            correct += (out["logits"].argmax(-1) == y).sum()
+            if y is not None:
+                correct += (out["logits"].argmax(-1) == y).sum()
             if self.progress and step % 20 == 0:
                 bar.set_postfix(
                     loss=f"{sums['loss'].item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}"

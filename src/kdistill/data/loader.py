@@ -45,12 +45,19 @@ def random_shift_flip(images: Tensor, generator: torch.Generator, max_shift: int
 class TensorBatchLoader:
     """Iterate over aligned tensors in batches; ``set_epoch`` fixes the order.
 
+    Give the tensors positionally to get tuple batches, or by name to get dict batches
+    that also hold ``"index"``, the dataset positions of the batch's samples (what CRD's
+    memory bank and a teacher-output cache are keyed by)::
+
+        TensorBatchLoader(x, y, batch_size=64)                      # (x_b, y_b)
+        TensorBatchLoader(inputs=x, target=y, batch_size=64)        # {"inputs", "target", "index"}
+
     Args:
-        tensors: tensors with the same first dimension ``N`` (e.g. images ``(N, 1, 28, 28)``,
-            labels ``(N,)``, cached teacher logits ``(N, C)``).
+        tensors / named: tensors with the same first dimension ``N`` (e.g. images
+            ``(N, 1, 28, 28)``, labels ``(N,)``, cached teacher logits ``(N, C)``).
         batch_size: rows per batch.
         shuffle: draw a fresh permutation every epoch from ``(seed, epoch)``.
-        augment: apply :func:`random_shift_flip` to the first tensor.
+        augment: apply :func:`random_shift_flip` to the first tensor (or ``inputs``).
         drop_last: skip a final short batch (keeps BatchNorm statistics sane).
     """
 
@@ -62,15 +69,19 @@ class TensorBatchLoader:
         augment: bool = False,
         drop_last: bool = False,
         seed: int = 0,
+        **named: Tensor,
     ) -> None:
-        if not tensors:
-            raise ValueError("TensorBatchLoader needs at least one tensor")
-        sizes = {t.shape[0] for t in tensors}
+        if bool(tensors) == bool(named):
+            raise ValueError("give TensorBatchLoader tensors either positionally or by name")
+        if named and "inputs" not in named:
+            raise ValueError(f"named tensors need 'inputs'; got {sorted(named)}")
+        sizes = {t.shape[0] for t in (*tensors, *named.values())}
         if len(sizes) != 1:
             raise ValueError(f"all tensors must have the same first dimension, got {sorted(sizes)}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.tensors = tensors
+        self.named = named
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
@@ -80,7 +91,7 @@ class TensorBatchLoader:
 
     @property
     def num_samples(self) -> int:
-        return self.tensors[0].shape[0]
+        return next(iter((*self.tensors, *self.named.values()))).shape[0]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -89,13 +100,20 @@ class TensorBatchLoader:
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...] | dict[str, Tensor]]:
         generator = epoch_generator(self.seed, self.epoch)
         n = self.num_samples
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            batch = [t[index] for t in self.tensors]
-            if self.augment:
-                batch[0] = random_shift_flip(batch[0], generator)
-            yield tuple(batch)
+            if self.named:
+                batch = {k: t[index] for k, t in self.named.items()}
+                if self.augment:
+                    batch["inputs"] = random_shift_flip(batch["inputs"], generator)
+                batch["index"] = index
+                yield batch
+            else:
+                items = [t[index] for t in self.tensors]
+                if self.augment:
+                    items[0] = random_shift_flip(items[0], generator)
+                yield tuple(items)

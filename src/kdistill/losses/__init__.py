@@ -12,6 +12,12 @@ of the leading shape ``(...)``, mean over the True rows, exactly ``0`` when no r
   :func:`cosine_loss`
 - relation-based: :func:`rkd_loss` (RKD), :func:`similarity_preserving_loss` (SP),
   :func:`pkt_loss` (PKT), :func:`correlation_congruence_loss` (CC)
+- modern logit/representation losses: :func:`dkd_loss` (DKD), :func:`dist_loss` (DIST),
+  :class:`CRDLoss` (CRD, with its memory bank)
+
+Losses that also need the labels set ``requires_target = True`` and take them as a third
+argument; losses that need dataset sample indices set ``requires_index = True`` and take
+``index=``. :class:`~kdistill.distiller.LossTerm` passes both when asked.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from __future__ import annotations
 from kdistill.losses.attention import AttentionTransferLoss, attention_map, attention_transfer_loss
 from kdistill.losses.correlation import CorrelationCongruenceLoss, correlation_congruence_loss
 from kdistill.losses.cosine import CosineLoss, cosine_loss
+from kdistill.losses.crd import CRDLoss, crd_nce_loss
+from kdistill.losses.dist import DISTLoss, dist_loss, dist_parts
+from kdistill.losses.dkd import DKDLoss, dkd_loss, dkd_parts
 from kdistill.losses.fitnets import HintLoss, hint_loss
 from kdistill.losses.kd import HintonLoss, KDLoss, hinton_loss, kd_loss
 from kdistill.losses.label_smoothing import (
@@ -32,8 +41,11 @@ from kdistill.losses.similarity import SimilarityPreservingLoss, similarity_pres
 
 __all__ = [
     "AttentionTransferLoss",
+    "CRDLoss",
     "CorrelationCongruenceLoss",
     "CosineLoss",
+    "DISTLoss",
+    "DKDLoss",
     "HintLoss",
     "HintonLoss",
     "KDLoss",
@@ -45,7 +57,12 @@ __all__ = [
     "attention_transfer_loss",
     "correlation_congruence_loss",
     "cosine_loss",
+    "crd_nce_loss",
     "cross_entropy",
+    "dist_loss",
+    "dist_parts",
+    "dkd_loss",
+    "dkd_parts",
     "hint_loss",
     "hinton_loss",
     "kd_loss",

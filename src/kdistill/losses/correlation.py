@@ -102,6 +102,8 @@ def correlation_congruence_loss(
 class CorrelationCongruenceLoss(nn.Module):
     """Module form of :func:`correlation_congruence_loss`; holds only ``gamma`` and ``order``."""
 
+    same_shape = True  # compares tensors elementwise: adapters apply when shapes differ
+
     def __init__(self, gamma: float = 0.4, order: int = 2) -> None:
         super().__init__()
         _check_params(gamma, order)

@@ -94,5 +94,7 @@ def cosine_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = None) ->
 class CosineLoss(nn.Module):
     """Module form of :func:`cosine_loss`; has no hyper-parameters."""
 
+    same_shape = True  # compares tensors elementwise: adapters apply when shapes differ
+
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         return cosine_loss(student, teacher, mask)

@@ -72,5 +72,7 @@ def hint_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class HintLoss(nn.Module):
     """Module form of :func:`hint_loss`; has no hyper-parameters (the adapter lives in ``LossTerm``)."""
 
+    same_shape = True  # compares tensors elementwise: adapters apply when shapes differ
+
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         return hint_loss(student, teacher)

@@ -7,6 +7,9 @@ from torch import nn
 from kdistill.losses.attention import AttentionTransferLoss
 from kdistill.losses.correlation import CorrelationCongruenceLoss
 from kdistill.losses.cosine import CosineLoss
+from kdistill.losses.crd import CRDLoss
+from kdistill.losses.dist import DISTLoss
+from kdistill.losses.dkd import DKDLoss
 from kdistill.losses.fitnets import HintLoss
 from kdistill.losses.kd import KDLoss
 from kdistill.losses.label_smoothing import LabelSmoothingCrossEntropy
@@ -27,3 +30,6 @@ LOSSES.add("rkd", RKDLoss)
 LOSSES.add("sp", SimilarityPreservingLoss)
 LOSSES.add("pkt", PKTLoss)
 LOSSES.add("cc", CorrelationCongruenceLoss)
+LOSSES.add("dkd", DKDLoss)
+LOSSES.add("dist", DISTLoss)
+LOSSES.add("crd", CRDLoss)  # student_dim, teacher_dim, num_samples filled in from a dry run
