@@ -266,3 +266,54 @@ def test_alpha_zero_keeps_only_the_label_term_and_needs_no_teacher() -> None:
 def test_alpha_one_keeps_only_the_kd_term() -> None:
     terms = build_terms(DistillConfig(alpha=1.0), has_teacher=True)
     assert [(t.name, t.weight) for t in terms] == [("kd", 1.0)]
+
+
+# -- weight schedules and extra loss inputs ----------------------------------------------
+
+
+def test_term_weight_warms_up_linearly_then_stays_constant() -> None:
+    term = LossTerm("dkd", KDLoss(), weight=8.0, warmup_epochs=4)
+    assert [term.weight_at(e) for e in (0.0, 1.0, 2.0, 4.0, 10.0)] == [0.0, 2.0, 4.0, 8.0, 8.0]
+
+
+def test_distiller_applies_the_scheduled_weight_to_the_total_loss() -> None:
+    teacher, student = Net(8), Net(4)
+    terms = [LossTerm("kd", KDLoss(), weight=2.0, warmup_epochs=2)]
+    distiller = Distiller(student, terms, teacher)
+    x, _ = batch(4)
+    distiller.set_progress(1.0)
+    out = distiller(x)
+    assert torch.allclose(out["loss"], 1.0 * out["kd_loss"])
+    distiller.set_progress(5.0)
+    assert torch.allclose(distiller(x)["loss"], 2.0 * out["kd_loss"])
+
+
+class NeedsEverything(nn.Module):
+    requires_target = True
+    requires_index = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        index: torch.Tensor,
+    ) -> torch.Tensor:
+        self.seen = {"target": target, "index": index}
+        return (student - teacher).pow(2).mean()
+
+
+def test_losses_that_ask_for_labels_and_indices_receive_them() -> None:
+    loss = NeedsEverything()
+    distiller = Distiller(Net(4), [LossTerm("x", loss)], Net(4))
+    target, index = torch.tensor([1, 0, 2]), torch.tensor([7, 3, 5])
+    distiller(batch(3)[0], target, index=index)
+    assert torch.equal(loss.seen["target"], target)
+    assert torch.equal(loss.seen["index"], index)
+    with pytest.raises(ValueError, match="index"):
+        distiller(batch(3)[0], target)

@@ -9,13 +9,17 @@ compute channel counts by hand:
   average pooling when the student map is larger, bilinear interpolation when smaller),
   then a 1×1 convolution + BatchNorm (RepDistiller's ``ConvReg`` minus the ReLU, so the
   adapter can match teacher features of either sign);
-- vectors or sequences ``(..., Ds)`` → ``(..., Dt)``: a linear layer.
+- vectors or sequences ``(..., Ds)`` → ``(..., Dt)``: a linear layer;
+- anything ``(B, ...)`` → vectors ``(B, Dt)``: flatten, then a linear layer (e.g. a pooled
+  ``(B, C, 1, 1)`` student feature against a teacher's penultimate ``(B, D)``).
 
 Adapters are trained with the student, saved in its checkpoints (they are submodules of the
 distiller's terms) and left out of the exported student.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -60,8 +64,8 @@ def make_adapter(
         return nn.Sequential(*layers)
     if len(s) == len(t) and len(s) >= 2 and s[:-1] == t[:-1]:
         return nn.Linear(s[-1], t[-1])
-    if len(s) == 2 and len(t) == 2:
-        return nn.Linear(s[1], t[1])
+    if len(t) == 2 and len(s) > 2:
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(s[1:]), t[1]))
     raise ValueError(
         f"no automatic adapter from student shape {s} to teacher shape {t}; tap layers of "
         "the same rank (e.g. both feature maps, or both vectors), or give the term an "

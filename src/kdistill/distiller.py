@@ -287,10 +287,9 @@ class Distiller(nn.Module):
         total = logits.new_zeros((), dtype=torch.float32)
         result: dict[str, Tensor] = {}
         for term in self.terms:
-            value = term(
-                student_values[term.student], self._reference(term, teacher_values, target)
-            )
-            total = total + term.weight * value
+            reference = self._reference(term, teacher_values, target)
+            value = term(student_values[term.student], reference, target, index)
+            total = total + term.weight_at(self.progress) * value
             result[f"{term.name}_loss"] = value.detach()
         result["loss"] = total
         result["logits"] = logits.detach()
