@@ -52,14 +52,16 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which data set, how much of it, and how it is batched."""
 
-    name: Literal["fashion_mnist"] = "fashion_mnist"
-    root: str | None = None  # folder with the four IDX files; else the standard lookup
+    name: Literal["fashion_mnist", "cifar10", "cifar100"] = "fashion_mnist"
+    root: str | None = None  # folder holding the data set's standard files; else the lookup
     train_subset: int | None = None  # stratified subset of the training set
     test_subset: int | None = None
     batch_size: int = 128
     eval_batch_size: int = 512
     num_workers: int = 0
-    augment: bool = False  # random ±2 px shifts and horizontal flips (training only)
+    augment: bool = (
+        False  # training only: ±2 px shifts + flips (Fashion-MNIST), crop + flip (CIFAR)
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "eval_batch_size")
@@ -111,7 +113,7 @@ class DistillConfig:
     alpha: float = 0.9
     label_smoothing: float = 0.0  # applied to the hard-label term
     cache_teacher: bool = True  # run the frozen teacher once over the training set
-    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage of cached outputs
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # cached feature maps
     terms: list[TermConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:

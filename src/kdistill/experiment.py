@@ -8,9 +8,11 @@ everything to the :class:`~kdistill.trainer.Trainer`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,11 +24,13 @@ from torch import Tensor, nn
 from kdistill.checkpoint import atomic_write_text, load_weights
 from kdistill.config import ConfigError, DistillConfig, ExperimentConfig, ModelConfig, TermConfig
 from kdistill.data import fashion_mnist_dataset
-from kdistill.data.loader import TensorBatchLoader
+from kdistill.data.cifar import CIFAR_STATS, cifar_dataset, random_crop_flip
+from kdistill.data.loader import TensorBatchLoader, random_shift_flip
 from kdistill.distiller import AUTO, LOGITS, Distiller, LossTerm, probe_shapes
 from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy
 from kdistill.losses.registry import LOSSES
 from kdistill.models import build_model, count_parameters
+from kdistill.taps import FeatureTaps
 from kdistill.trainer import (
     TEACHER_PREFIX,
     FitResult,
@@ -188,12 +192,27 @@ def probe_terms(
 def load_data(cfg: ExperimentConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Training and test tensors ``(x, y)`` for the configured data set."""
     d = cfg.data
-    train = fashion_mnist_dataset("train", root=d.root, subset=d.train_subset, seed=cfg.seed)
-    test = fashion_mnist_dataset("test", root=d.root, subset=d.test_subset, seed=cfg.seed)
+    if d.name == "fashion_mnist":
+        train = fashion_mnist_dataset("train", root=d.root, subset=d.train_subset, seed=cfg.seed)
+        test = fashion_mnist_dataset("test", root=d.root, subset=d.test_subset, seed=cfg.seed)
+    else:
+        train = cifar_dataset(d.name, "train", root=d.root, subset=d.train_subset, seed=cfg.seed)
+        test = cifar_dataset(d.name, "test", root=d.root, subset=d.test_subset, seed=cfg.seed)
     return (train.tensors[0], train.tensors[1]), (test.tensors[0], test.tensors[1])
 
 
 # -- the run -------------------------------------------------------------------------------
+
+
+def augmentation(cfg: ExperimentConfig) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """The standard training augmentation of the configured data set."""
+    if cfg.data.name.startswith("cifar"):
+        # RepDistiller pads raw images with black; our images are already normalised.
+        mean, std = CIFAR_STATS[cfg.data.name]
+        return functools.partial(
+            random_crop_flip, fill=[-m / s for m, s in zip(mean, std, strict=True)]
+        )
+    return random_shift_flip
 
 
 @dataclass
@@ -228,7 +247,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         if distiller.teacher is not None and cfg.distill.cache_teacher:
             _check_cacheable(cfg)
             cached = cache_teacher_outputs(
-                distiller,
+                teacher,
+                distiller.teacher_keys,
                 train_x,
                 cfg.data.eval_batch_size,
                 device,
@@ -243,7 +263,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         **cached,
         batch_size=cfg.data.batch_size,
         shuffle=True,
-        augment=cfg.data.augment,
+        augment=augmentation(cfg) if cfg.data.augment else False,
         drop_last=True,
         seed=cfg.seed,
     )
@@ -287,23 +307,34 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     return RunResult(fit, summary)
 
 
+@torch.inference_mode()
 def cache_teacher_outputs(
-    distiller: Distiller,
+    teacher: nn.Module,
+    keys: Sequence[str],
     inputs: Tensor,
     batch_size: int,
-    device: torch.device | str,
-    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    map_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """Run the frozen teacher once over ``inputs`` ``(N, ...)``; every tensor the terms read.
+    """Run a frozen teacher once over ``inputs`` ``(N, ...)``, keeping the tensors ``keys`` name.
 
-    Returns ``{"teacher.<logits or layer>": (N, ...)}`` on CPU in ``dtype``, ready to be
-    batched alongside the inputs (see :func:`kdistill.trainer.unpack_batch`).
+    ``keys`` are ``"logits"`` and/or layer names. Returns ``{"teacher.<key>": (N, ...)}`` on
+    CPU, ready to be batched with the inputs (see :func:`kdistill.trainer.unpack_batch`).
+    Feature maps (more than 2 dims) are stored in ``map_dtype`` — float16 halves the memory
+    of a cache that would otherwise dwarf the data set; logits and vectors stay float32.
     """
-    parts: dict[str, list[Tensor]] = {}
-    for start in range(0, inputs.shape[0], batch_size):
-        outputs = distiller.teacher_forward(inputs[start : start + batch_size].to(device))
-        for key in distiller.teacher_keys:
-            parts.setdefault(key, []).append(outputs[key].to("cpu", dtype))
+    layers = [k for k in keys if k != LOGITS]
+    was_training = teacher.training
+    teacher.eval()
+    parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+    with FeatureTaps(teacher, layers) as taps:
+        for start in range(0, inputs.shape[0], batch_size):
+            logits = teacher(inputs[start : start + batch_size].to(device))
+            outputs = {**taps.pop(), LOGITS: logits}
+            for key in keys:
+                value = outputs[key].float()
+                parts[key].append(value.to("cpu", map_dtype if value.dim() > 2 else torch.float32))
+    teacher.train(was_training)
     return {f"{TEACHER_PREFIX}{key}": torch.cat(chunks) for key, chunks in parts.items()}
 
 

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from kdistill.data.cifar import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CIFAR_STATS,
+    cifar_class_names,
+    cifar_dataset,
+    find_cifar,
+    load_cifar,
+    random_crop_flip,
+)
 from kdistill.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -15,13 +27,23 @@ from kdistill.data.fashion_mnist import (
 )
 
 __all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "CIFAR_STATS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "DatasetNotFoundError",
+    "cifar_class_names",
+    "cifar_dataset",
     "fashion_mnist_dataset",
+    "find_cifar",
     "find_fashion_mnist",
+    "load_cifar",
     "load_fashion_mnist",
+    "random_crop_flip",
     "read_idx",
     "stratified_indices",
 ]

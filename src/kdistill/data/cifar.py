@@ -460,10 +460,13 @@ def random_crop_flip(
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     batch, channels, height, width = images.shape
-    draw = {"generator": generator, "device": generator.device}
-    top = torch.randint(0, 2 * padding + 1, (batch,), **draw).to(images.device)  # (B,)
-    left = torch.randint(0, 2 * padding + 1, (batch,), **draw).to(images.device)  # (B,)
-    flip = (torch.rand(batch, **draw) < 0.5).to(images.device)  # (B,)
+    # Draw on the generator's device (torch requires it), then move to the images'.
+    offsets = torch.randint(
+        0, 2 * padding + 1, (2, batch), generator=generator, device=generator.device
+    ).to(images.device)
+    top, left = offsets[0], offsets[1]  # (B,), (B,)
+    flip = torch.rand(batch, generator=generator, device=generator.device) < 0.5  # (B,)
+    flip = flip.to(images.device)
 
     fill_values = torch.as_tensor(fill, dtype=images.dtype, device=images.device).flatten()
     if fill_values.numel() not in (1, channels):

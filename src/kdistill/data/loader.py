@@ -9,7 +9,7 @@ interrupted and resumed before it — the basis of exact resume.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -57,7 +57,8 @@ class TensorBatchLoader:
             ``(N, 1, 28, 28)``, labels ``(N,)``, cached teacher logits ``(N, C)``).
         batch_size: rows per batch.
         shuffle: draw a fresh permutation every epoch from ``(seed, epoch)``.
-        augment: apply :func:`random_shift_flip` to the first tensor (or ``inputs``).
+        augment: ``True`` for :func:`random_shift_flip`, or any ``fn(batch, generator)``,
+            applied to the first tensor (or ``inputs``) with the epoch's generator.
         drop_last: skip a final short batch (keeps BatchNorm statistics sane).
     """
 
@@ -66,7 +67,7 @@ class TensorBatchLoader:
         *tensors: Tensor,
         batch_size: int,
         shuffle: bool = False,
-        augment: bool = False,
+        augment: bool | Callable[[Tensor, torch.Generator], Tensor] = False,
         drop_last: bool = False,
         seed: int = 0,
         **named: Tensor,
@@ -84,7 +85,9 @@ class TensorBatchLoader:
         self.named = named
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.augment = augment
+        self.augment: Callable[[Tensor, torch.Generator], Tensor] | None = (
+            random_shift_flip if augment is True else augment or None
+        )
         self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
@@ -108,12 +111,12 @@ class TensorBatchLoader:
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             if self.named:
                 batch = {k: t[index] for k, t in self.named.items()}
-                if self.augment:
-                    batch["inputs"] = random_shift_flip(batch["inputs"], generator)
+                if self.augment is not None:
+                    batch["inputs"] = self.augment(batch["inputs"], generator)
                 batch["index"] = index
                 yield batch
             else:
                 items = [t[index] for t in self.tensors]
-                if self.augment:
-                    items[0] = random_shift_flip(items[0], generator)
+                if self.augment is not None:
+                    items[0] = self.augment(items[0], generator)
                 yield tuple(items)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from kdistill.models.cifar import CIFAR_MODELS
 from kdistill.models.cnn import MLP, SmallCNN, TeacherCNN
 from kdistill.registry import Registry
 
@@ -13,6 +14,8 @@ MODELS: Registry[nn.Module] = Registry("model")
 MODELS.add("teacher_cnn", TeacherCNN)
 MODELS.add("small_cnn", SmallCNN)
 MODELS.add("mlp", MLP)
+for _name, _factory in CIFAR_MODELS.items():  # RepDistiller's CIFAR teachers and students
+    MODELS.add(_name, _factory)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
