@@ -179,6 +179,28 @@ class TrainConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of multi-stage training (e.g. a FitNets hint stage, then a KD stage).
+
+    Each stage trains the student for ``epochs`` with its own ``distill`` (and optionally
+    ``optim``); the next stage starts from the student weights the previous one ended with.
+    Adapters belong to their stage and are not carried over.
+    """
+
+    name: str = "stage"
+    epochs: int = 1
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig | None = None  # null: the experiment's optim section
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "epochs")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(
+                f"name: {self.name!r} must be usable as a folder name ([A-Za-z0-9_.-])"
+            )
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run: data, teacher (optional), student, distillation, optimizer, loop."""
 
@@ -190,6 +212,12 @@ class ExperimentConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, as above
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: duplicate stage names {names}; name each stage once")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ everything to the :class:`~kdistill.trainer.Trainer`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -222,7 +223,13 @@ class RunResult:
 
 
 def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
-    """Train the configured student (with or without a teacher) and write ``summary.json``."""
+    """Train the configured student (with or without a teacher) and write ``summary.json``.
+
+    With ``stages`` the stages run in order, each in ``output_dir/<stage name>``, and the
+    result is the last stage's.
+    """
+    if cfg.stages:
+        return run_stages(cfg, resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed, cfg.train.deterministic)
@@ -305,6 +312,35 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     }
     atomic_write_text(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
     return RunResult(fit, summary)
+
+
+def run_stages(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
+    """Multi-stage training: each stage starts from the previous stage's student weights.
+
+    On ``resume`` every stage resumes from its own newest checkpoint, so finished stages
+    return at once and the stage in progress continues where it stopped.
+    """
+    root = Path(cfg.output_dir)
+    student = cfg.student
+    results: list[tuple[str, RunResult]] = []
+    for stage in cfg.stages:
+        stage_cfg = dataclasses.replace(
+            cfg,
+            output_dir=str(root / stage.name),
+            student=student,
+            distill=stage.distill,
+            optim=stage.optim or cfg.optim,
+            train=dataclasses.replace(cfg.train, epochs=stage.epochs),
+            stages=[],
+        )
+        print(f"stage {stage.name!r}: {stage.epochs} epochs")
+        result = run_experiment(stage_cfg, resume=resume)
+        results.append((stage.name, result))
+        student = dataclasses.replace(cfg.student, checkpoint=result.summary["student"]["weights"])
+    last = results[-1][1]
+    last.summary["stages"] = [{"stage": n, **r.summary["student"]} for n, r in results]
+    atomic_write_text(root / "summary.json", json.dumps(last.summary, indent=2) + "\n")
+    return last
 
 
 @torch.inference_mode()

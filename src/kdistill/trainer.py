@@ -83,12 +83,16 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+MIN_ONECYCLE_STEPS = 8
+"""torch's OneCycleLR divides by zero below this; shorter (smoke) runs use a constant LR."""
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step schedule. Milestones and warm-up are given in epochs."""
     total = epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= MIN_ONECYCLE_STEPS:
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25
         )
@@ -303,6 +307,11 @@ class Trainer:
             raise FloatingPointError(
                 f"non-finite loss at epoch {epoch + 1}, step {step}: terms {bad} "
                 f"(all parts: {parts}); lower the learning rate or check the inputs"
+            )
+        if not loss.requires_grad:
+            raise RuntimeError(
+                "the loss has no gradient: no term depends on a trainable parameter, or "
+                "training was started under torch.no_grad()/inference_mode()"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
