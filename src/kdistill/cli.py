@@ -1,4 +1,9 @@
-"""The ``kdistill`` command line: ``run`` a YAML experiment, or the built-in ``demo``."""
+"""The ``kdistill`` command line.
+
+``run`` a YAML experiment, the built-in ``demo``, and the workflow around them: ``report``
+(Markdown + PNG figures), ``sweep`` (temperature × alpha grid), ``compress`` (pruning and
+int8 quantisation), ``export`` (self-describing safetensors, ONNX) and ``predict``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from kdistill.config import ConfigError, load_config
+from kdistill.plots import PlotsUnavailable
 from kdistill.trainer import ResumeError
 
 
@@ -35,6 +41,88 @@ def _demo(args: argparse.Namespace) -> int:
         data_root=args.data,
         progress=not args.no_progress,
     )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from kdistill.report import write_report
+
+    result = write_report(args.run_dir, temperatures=args.temperature, samples=args.samples)
+    for name, path in result.figures.items():
+        print(f"{name}: {path}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"written to {result.markdown}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from kdistill.sweep import run_sweep
+
+    result = run_sweep(
+        args.config,
+        temperatures=args.temperature,
+        alphas=args.alpha,
+        overrides=args.set,
+        jobs=args.jobs,
+        output_dir=args.output_dir,
+        resume=args.resume,
+    )
+    print("\n" + result.files["table"].read_text())
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"best config: {result.files['best']}")
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from kdistill.compress import compress_run, markdown_table
+
+    result = compress_run(
+        args.run_dir,
+        amount=args.amount,
+        structured_amount=args.structured,
+        finetune_epochs=args.finetune_epochs,
+        finetune_overrides=args.set,
+        calibration_samples=args.calibration,
+        test_subset=args.test_subset,
+        output_dir=args.output_dir,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    print("\n" + markdown_table(result.rows))
+    print(f"written to {result.output_dir / 'compress.md'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kdistill.export import export_student
+
+    result = export_student(args.run_dir, output=args.output, onnx_path=args.onnx, opset=args.opset)
+    meta = result.metadata
+    print(f"student {meta['model']} {meta['kwargs']} -> {result.safetensors}")
+    if result.onnx is not None:
+        print(f"ONNX -> {result.onnx}")
+        if result.onnx_max_abs_diff is None:
+            print("onnxruntime not installed: ONNX output not checked")
+        else:
+            print(f"onnxruntime vs PyTorch: max abs diff of logits {result.onnx_max_abs_diff:.2e}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from kdistill.export import ExportError, load_exported, load_images, predict
+
+    try:
+        model, meta = load_exported(args.exported)
+        images = load_images(args.images)
+        classes, probs = predict((model, meta), images, normalized=args.normalized)
+    except ExportError as err:
+        print(f"kdistill: error: {err}", file=sys.stderr)
+        return 2
+    names = meta.get("classes") or [str(i) for i in range(probs.shape[1])]
+    for i, (c, p) in enumerate(zip(classes.tolist(), probs.max(-1).values.tolist(), strict=True)):
+        print(f"{i}\t{c}\t{names[c]}\t{p:.3f}")
     return 0
 
 
@@ -69,6 +157,74 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    report = sub.add_parser(
+        "report", help="report.md + PNG figures for a demo or run folder (needs matplotlib)"
+    )
+    report.add_argument("run_dir", help="a folder written by kdistill demo or kdistill run")
+    report.add_argument(
+        "--temperature",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0, 4.0, 8.0],
+        help="temperatures of the dark-knowledge figure (default 1 2 4 8)",
+    )
+    report.add_argument("--samples", type=int, default=3, help="test images in that figure")
+    report.set_defaults(func=_report)
+
+    sweep = sub.add_parser("sweep", help="grid of short runs over temperature and alpha")
+    sweep.add_argument("config", help="experiment YAML with a teacher and the default KD loss")
+    sweep.add_argument("--temperature", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    sweep.add_argument("--alpha", type=float, nargs="+", default=[0.5, 0.9])
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split)")
+    sweep.add_argument("--output-dir", default=None, help="sweep folder (default: output_dir)")
+    sweep.add_argument("--resume", action="store_true", help="continue unfinished grid points")
+    sweep.set_defaults(func=_sweep)
+
+    compress = sub.add_parser(
+        "compress", help="prune + quantise a trained student; accuracy/size/latency per stage"
+    )
+    compress.add_argument("run_dir", help="a run folder, or a demo folder (its KD student)")
+    compress.add_argument("--amount", type=float, default=0.5, help="global unstructured share")
+    compress.add_argument(
+        "--structured", type=float, default=0.1, help="share of output channels (0: skip)"
+    )
+    compress.add_argument(
+        "--finetune-epochs", type=int, default=0, help="KD fine-tune after pruning (0: none)"
+    )
+    compress.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the fine-tune run, e.g. --set data.train_subset=10000",
+    )
+    compress.add_argument("--calibration", type=int, default=1024, help="calibration images")
+    compress.add_argument("--test-subset", type=int, default=None)
+    compress.add_argument("--repeats", type=int, default=20, help="latency repeats")
+    compress.add_argument("--threads", type=int, default=None, help="CPU threads for latency")
+    compress.add_argument("--output-dir", default=None, help="default RUN_DIR/compress")
+    compress.set_defaults(func=_compress)
+
+    export = sub.add_parser("export", help="self-describing safetensors (and ONNX) of a student")
+    export.add_argument("run_dir", help="a run folder, or a demo folder (its KD student)")
+    export.add_argument(
+        "--output",
+        default=None,
+        help="safetensors file (default RUN_DIR/export/student.safetensors)",
+    )
+    export.add_argument("--onnx", default=None, metavar="FILE.onnx", help="also export ONNX")
+    export.add_argument("--opset", type=int, default=17)
+    export.set_defaults(func=_export)
+
+    predict = sub.add_parser("predict", help="classify images with an exported student")
+    predict.add_argument("exported", help="a .safetensors file written by kdistill export")
+    predict.add_argument("images", help=".npy or .pt: (N, H, W) or (N, C, H, W); uint8 or [0, 1]")
+    predict.add_argument(
+        "--normalized", action="store_true", help="the images are standardised already"
+    )
+    predict.set_defaults(func=_predict)
     return parser
 
 
@@ -77,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, ResumeError, FileNotFoundError) as err:
+    except (ConfigError, ResumeError, FileNotFoundError, PlotsUnavailable) as err:
         print(f"kdistill: error: {err}", file=sys.stderr)
         return 2
 

@@ -168,10 +168,13 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; null keeps torch's default
     progress: bool = True
     deterministic: bool = True
+    checkpoint_every: int | None = None  # also checkpoint every N optimizer steps; null: epochs
+    skip_nonfinite: int = 0  # skip up to N non-finite batches in a row; 0 stops at the first
 
     def __post_init__(self) -> None:
         _check_positive(self, "epochs")
-        _check_optional_positive(self, "threads")
+        _check_optional_positive(self, "threads", "checkpoint_every")
+        _check_non_negative(self, "skip_nonfinite")
         if not (self.device in ("cpu", "auto", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"device: must be one of cpu, cuda, cuda:N, auto; got {self.device!r}"

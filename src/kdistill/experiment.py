@@ -284,6 +284,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         device=device,
         progress=cfg.train.progress,
         config=cfg.to_dict(),
+        checkpoint_every=cfg.train.checkpoint_every,
+        skip_nonfinite=cfg.train.skip_nonfinite,
     )
     fit = trainer.fit(resume=resume)
     summary = {

@@ -2,19 +2,29 @@
 
 Per epoch: train over the loader (optimizer step, LR schedule step, gradient clipping),
 evaluate the student, append a row of metrics (CSV and JSONL), and write an atomic
-checkpoint. ``fit(resume=True)`` continues from the newest checkpoint and — because batch
-order and augmentation depend only on ``(seed, epoch)`` and the RNG state is saved — ends
-with the same weights as an uninterrupted run on CPU.
+checkpoint — and, with ``checkpoint_every=N``, also one every ``N`` optimizer steps inside
+the epoch. ``fit(resume=True)`` continues from the newest complete checkpoint and — because
+batch order and augmentation depend only on ``(seed, epoch)``, the batches of a partly
+done epoch are skipped exactly, and the RNG state, running sums and step log are saved —
+ends with the same weights and the same per-step losses as an uninterrupted run on CPU,
+even after a SIGKILL (see ``docs/reliability.md``).
+
+Every optimizer step is guarded: a non-finite loss or gradient norm stops training before
+the optimizer step with a :class:`FloatingPointError` naming the loss term (or parameters)
+and the step, or, with ``skip_nonfinite=N``, skips the batch and counts it.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
+import os
 import random
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +35,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill.checkpoint import (
+    CheckpointError,
     atomic_write_text,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     save_weights,
@@ -35,20 +47,33 @@ from kdistill.config import OptimConfig
 from kdistill.distiller import LOGITS, Distiller
 
 # Config keys that may differ between a checkpoint and the resuming run without changing
-# what is trained.
-# what is trained (``train.epochs`` is not among them: it shapes the LR schedule).
+# what is trained (``train.epochs`` is not among them: it shapes the LR schedule). A resume
+# with such a difference warns (:class:`ResumeWarning`) naming the keys; any other
+# difference is a :class:`ResumeError`.
 RESUMABLE_DIFFERENCES = (
     "train.progress",
     "train.threads",
     "train.device",
+    "train.checkpoint_every",
+    "train.skip_nonfinite",
     "data.num_workers",
     "data.eval_batch_size",
     "output_dir",
 )
 
+STEP_LOG = "steps.jsonl"
+"""Per-step log in the output folder: one ``{"epoch", "step", "global_step", "loss"}`` line per
+batch (``"skipped": true`` and ``"loss": null`` for a skipped non-finite batch)."""
+
+_REQUIRED_STATE = ("epoch", "optimizer", "scheduler", "torch_rng", "python_rng")
+
 
 class ResumeError(ValueError):
     """A checkpoint cannot be resumed exactly (incomplete state, or a changed config)."""
+
+
+class ResumeWarning(UserWarning):
+    """A resume goes ahead, but something differs from the checkpoint (named in the message)."""
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -190,18 +215,39 @@ class FitResult:
         return self.history[-1]
 
 
+@dataclass
+class _Partial:
+    """Running sums of a partly trained epoch (restored when resuming mid-epoch)."""
+
+    epoch: int
+    step: int
+    sums: dict[str, Tensor]
+    correct: Tensor
+    seen: int
+    skipped: int
+    elapsed_s: float
+
+
 class Trainer:
     """Trains ``distiller``'s student (and adapters) and evaluates it every epoch.
 
     Args:
         distiller: the objective; its ``trainable_parameters()`` are optimised.
         train_loader: iterable of ``(x, y)`` or ``(x, y, teacher_logits)`` batches; if it has
-            ``set_epoch`` it is called before each epoch (fixing shuffling per epoch).
+            ``set_epoch`` it is called before each epoch (fixing shuffling per epoch), and if
+            it has ``set_start_step`` that is used to resume inside an epoch (otherwise the
+            done batches are drawn and dropped).
         eval_loader: iterable of ``(x, y)`` batches for test accuracy.
         optim: optimizer, schedule and gradient clipping settings.
         epochs: number of passes over ``train_loader``.
-        output_dir: where checkpoints, metrics and the final student go.
+        output_dir: where checkpoints, metrics, the step log and the final student go.
         config: the run's plain config dict, saved with checkpoints and compared on resume.
+        keep_last: how many complete checkpoints to keep.
+        checkpoint_every: also checkpoint every this many optimizer steps (counted over the
+            whole run) inside epochs; ``None`` checkpoints only at epoch ends.
+        skip_nonfinite: ``0`` stops at the first non-finite loss or gradient norm; ``N > 0``
+            skips such batches (no optimizer step, counted as ``skipped_steps``) and stops at
+            the ``N + 1``-th in a row.
     """
 
     def __init__(
@@ -216,7 +262,13 @@ class Trainer:
         progress: bool = True,
         config: Mapping[str, Any] | None = None,
         keep_last: int = 2,
+        checkpoint_every: int | None = None,
+        skip_nonfinite: int = 0,
     ) -> None:
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
+        if skip_nonfinite < 0:
+            raise ValueError(f"skip_nonfinite must be >= 0, got {skip_nonfinite}")
         self.distiller = distiller.to(device)
         self.train_loader = train_loader
         self.eval_loader = eval_loader
@@ -227,21 +279,44 @@ class Trainer:
         self.progress = progress
         self.config = dict(config or {})
         self.keep_last = keep_last
+        self.checkpoint_every = checkpoint_every
+        self.skip_nonfinite = skip_nonfinite
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, epochs, len(train_loader))  # type: ignore[arg-type]
         self.history: list[dict[str, Any]] = []
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._consecutive_skips = 0
+        self._partial: _Partial | None = None
+        self._pending_steps: list[tuple[int, int, int, Tensor, bool]] = []
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)  # type: ignore[arg-type]
+
     # -- the loop ----------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> FitResult:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        start = self._resume() if resume else 0
+        start = self._resume() if resume else None
+        if start is None:
+            if not resume and latest_checkpoint(self.checkpoint_dir) is not None:
+                warnings.warn(
+                    f"{self.checkpoint_dir} holds checkpoints of an earlier run; this run starts "
+                    "from scratch (resume=False) and replaces them as it saves its own",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
+            start = 0
+            self._pending_steps = []
+            atomic_write_text(self.output_dir / STEP_LOG, "")
         for epoch in range(start, self.epochs):
             began = time.perf_counter()
+            if self._partial is not None and self._partial.epoch == epoch:
+                began -= self._partial.elapsed_s
             train_metrics = self.train_epoch(epoch)
             eval_metrics = evaluate(self.distiller.student, self.eval_loader, self.device)
             row = {
@@ -262,113 +337,253 @@ class Trainer:
         return FitResult(self.history, self.output_dir, student_path)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training data; returns mean losses, accuracy and the last LR."""
+        """One pass over the training data; returns mean losses, accuracy and the last LR.
+
+        After a mid-epoch resume, continues the epoch where its checkpoint left it.
+        """
+        steps = self.steps_per_epoch
+        partial, self._partial = self._partial, None
+        if partial is None or partial.epoch != epoch:
+            partial = _Partial(
+                epoch, 0, {}, torch.zeros((), dtype=torch.long, device=self.device), 0, 0, 0.0
+            )
+        began = time.perf_counter() - partial.elapsed_s
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)
+        batches: Iterable[Any] = self.train_loader
+        if partial.step:
+            if hasattr(self.train_loader, "set_start_step"):
+                self.train_loader.set_start_step(partial.step)
+            else:  # draw and drop the batches the checkpoint had already trained on
+                batches = itertools.islice(self.train_loader, partial.step, None)
         self.distiller.train()
-        sums: dict[str, Tensor] = {}
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = 0
+        sums, correct, seen, skipped = partial.sums, partial.correct, partial.seen, partial.skipped
         bar = tqdm(
-            self.train_loader,
+            batches,
             desc=f"epoch {epoch + 1}/{self.epochs}",
             disable=not self.progress,
             leave=False,
             dynamic_ncols=True,
+            initial=partial.step,
+            total=steps,
         )
-        steps = len(self.train_loader)  # type: ignore[arg-type]
-        for step, batch in enumerate(bar):
+        for step, batch in enumerate(bar, start=partial.step):
             x, y, cached, index = unpack_batch(batch, self.device)
             self.distiller.set_progress(epoch + step / steps)
             out = self.distiller(x, y, teacher_outputs=cached, index=index)
-            self._step(out, epoch, step)
-            n = x.shape[0]
-            seen += n
-            for key, value in out.items():
-                if key.endswith("_loss"):
-                    sums[key] = sums.get(key, 0.0) + value * n
-            sums["loss"] = sums.get("loss", 0.0) + out["loss"].detach() * n
-            if y is not None:
-                correct += (out["logits"].argmax(-1) == y).sum()
-            if self.progress and step % 20 == 0:
+            applied = self._step(out, epoch, step)
+            global_step = epoch * steps + step + 1
+            self._pending_steps.append((epoch, step, global_step, out["loss"].detach(), applied))
+            if applied:
+                n = x.shape[0]
+                seen += n
+                for key, value in out.items():
+                    if key.endswith("_loss"):
+                        sums[key] = sums.get(key, 0.0) + value * n
+                sums["loss"] = sums.get("loss", 0.0) + out["loss"].detach() * n
+                if y is not None:
+                    correct += (out["logits"].argmax(-1) == y).sum()
+            else:
+                skipped += 1
+            if self.progress and step % 20 == 0 and seen:
                 bar.set_postfix(
                     loss=f"{sums['loss'].item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}"
                 )
-        metrics = {f"train_{k}": (v / seen).item() for k, v in sums.items()}
+            every = self.checkpoint_every
+            if every is not None and global_step % every == 0 and step + 1 < steps:
+                elapsed = time.perf_counter() - began
+                done = _Partial(epoch, step + 1, sums, correct, seen, skipped, elapsed)
+                self._save_checkpoint(epoch, step + 1, done)
+        metrics = {f"train_{k}": (v / max(seen, 1)).item() for k, v in sums.items()}
+        metrics.setdefault("train_loss", math.nan)  # every batch of the epoch was skipped
         metrics["train_accuracy"] = correct.item() / max(seen, 1)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["skipped_steps"] = skipped
         return metrics
 
-    def _step(self, out: Mapping[str, Tensor], epoch: int, step: int) -> None:
+    def _step(self, out: Mapping[str, Tensor], epoch: int, step: int) -> bool:
+        """Backward and optimizer step; ``False`` when the batch was skipped as non-finite."""
         loss = out["loss"]
+        where = (
+            f"epoch {epoch + 1}, step {step} (global step {epoch * self.steps_per_epoch + step})"
+        )
+        problem = None
         if not torch.isfinite(loss):
             parts = {k: v.item() for k, v in out.items() if k.endswith("_loss")}
             bad = [k for k, v in parts.items() if not math.isfinite(v)]
-            raise FloatingPointError(
-                f"non-finite loss at epoch {epoch + 1}, step {step}: terms {bad} "
-                f"(all parts: {parts}); lower the learning rate or check the inputs"
-            )
-        if not loss.requires_grad:
-            raise RuntimeError(
-                "the loss has no gradient: no term depends on a trainable parameter, or "
-                "training was started under torch.no_grad()/inference_mode()"
-            )
+            problem = f"non-finite loss at {where}: terms {bad} (all parts: {parts})"
+        else:
+            if not loss.requires_grad:
+                raise RuntimeError(
+                    "the loss has no gradient: no term depends on a trainable parameter, or "
+                    "training was started under torch.no_grad()/inference_mode()"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = self._grad_norm()
+            if not torch.isfinite(norm):
+                parts = {k: round(v.item(), 6) for k, v in out.items() if k.endswith("_loss")}
+                problem = (
+                    f"non-finite gradient norm ({norm.item()}) at {where}: the loss terms are "
+                    f"finite ({parts}) but the gradients of {self._nonfinite_grads()} are not"
+                )
+        if problem is None:
+            self._consecutive_skips = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            return True
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.optim_cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(
-                list(self.distiller.trainable_parameters()), self.optim_cfg.grad_clip
+        self._consecutive_skips += 1
+        if self.skip_nonfinite == 0:
+            raise FloatingPointError(
+                f"{problem}; stopped before the optimizer step. Lower the learning rate or "
+                "check the inputs (train.skip_nonfinite: N skips up to N such batches in a row)"
             )
-        self.optimizer.step()
-        self.scheduler.step()
+        if self._consecutive_skips > self.skip_nonfinite:
+            raise FloatingPointError(
+                f"{problem}; {self._consecutive_skips} non-finite batches in a row, more than "
+                f"skip_nonfinite={self.skip_nonfinite}; stopped before the optimizer step"
+            )
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # the schedule stays aligned with the batches
+        return False
+
+    def _grad_norm(self) -> Tensor:
+        """The global gradient norm (clipping to ``grad_clip`` when it is set)."""
+        if self.optim_cfg.grad_clip is not None:
+            return torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.grad_clip)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.nn.utils.get_total_norm(grads)
+
+    def _nonfinite_grads(self, limit: int = 5) -> list[str]:
+        names = [
+            name
+            for name, p in self.distiller.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        return names[:limit] + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
 
     # -- checkpoints and logs ----------------------------------------------------------
 
     def _save(self, epochs_done: int) -> None:
-        state = {
-            "epoch": epochs_done,
+        self._save_checkpoint(epochs_done, 0, None)
+
+    def _save_checkpoint(self, epoch: int, step: int, partial: _Partial | None) -> None:
+        """Checkpoint after ``epoch`` whole epochs and ``step`` steps of the next one."""
+        self._flush_step_log()  # the log always reaches at least as far as the checkpoint
+        state: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "global_step": epoch * self.steps_per_epoch + step,
             "epochs": self.epochs,
-            "steps_per_epoch": len(self.train_loader),  # type: ignore[arg-type]
+            "steps_per_epoch": self.steps_per_epoch,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
+            "consecutive_skips": self._consecutive_skips,
             "history": json.dumps(self.history),
             "config": json.dumps(self.config),
         }
+        if partial is not None:
+            state["partial"] = {
+                "sums": {k: v.detach().cpu() for k, v in partial.sums.items()},
+                "correct": partial.correct.detach().cpu(),
+                "seen": partial.seen,
+                "skipped": partial.skipped,
+                "elapsed_s": partial.elapsed_s,
+            }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         save_checkpoint(
             self.checkpoint_dir,
-            epochs_done,
+            epoch,
             self.distiller.trainable_state_dict(),
             state,
             keep_last=self.keep_last,
+            step=step,
         )
 
-    def _resume(self) -> int:
+    def _flush_step_log(self) -> None:
+        """Append the pending step records to ``steps.jsonl`` and fsync it."""
+        if not self._pending_steps:
+            return
+        losses = torch.stack([record[3].float() for record in self._pending_steps]).tolist()
+        lines = []
+        for (epoch, step, global_step, _, applied), loss in zip(
+            self._pending_steps, losses, strict=True
+        ):
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "global_step": global_step}
+            row["loss"] = loss if applied else None
+            if not applied:
+                row["skipped"] = True
+            lines.append(json.dumps(row) + "\n")
+        with open(self.output_dir / STEP_LOG, "a") as handle:
+            handle.write("".join(lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._pending_steps = []
+
+    def _resume(self) -> int | None:
+        """Restore the newest complete checkpoint; the epoch to continue in, or ``None``."""
+        incomplete = [i.path.name for i in list_checkpoints(self.checkpoint_dir) if not i.complete]
         folder = latest_checkpoint(self.checkpoint_dir)
+        if incomplete:
+            warnings.warn(
+                f"ignoring interrupted checkpoint saves in {self.checkpoint_dir}: {incomplete} "
+                f"(no COMPLETE marker); resuming from {folder.name if folder else 'scratch'}",
+                ResumeWarning,
+                stacklevel=3,
+            )
         if folder is None:
             if self.progress:
                 tqdm.write(f"no checkpoint in {self.checkpoint_dir}; starting from scratch")
-            return 0
-        weights, state = load_checkpoint(folder)
-        missing = [
-            k
-            for k in ("epoch", "optimizer", "scheduler", "torch_rng", "python_rng")
-            if k not in state
-        ]
+            return None
+        try:
+            weights, state = load_checkpoint(folder)
+        except CheckpointError as err:
+            older = [
+                i.path.name
+                for i in list_checkpoints(self.checkpoint_dir)
+                if i.complete and i.path != folder
+            ]
+            fallback = (
+                f"delete {folder} to resume from the previous complete checkpoint {older[-1]}"
+                if older
+                else f"no older complete checkpoint is left in {self.checkpoint_dir}"
+            )
+            raise ResumeError(f"cannot resume: {err}; {fallback}") from err
+        missing = [k for k in _REQUIRED_STATE if k not in state]
+        step = int(state.get("step", 0))
+        if step and "partial" not in state:
+            missing.append("partial (running sums of the interrupted epoch)")
         if missing:
             raise ResumeError(f"{folder}: checkpoint state lacks {missing}; cannot resume exactly")
         _check_same_config(json.loads(state.get("config", "{}")), self.config, folder)
         schedule = (state.get("epochs"), state.get("steps_per_epoch"))
-        if schedule != (self.epochs, len(self.train_loader)):  # type: ignore[arg-type]
+        if schedule != (self.epochs, self.steps_per_epoch):
             raise ResumeError(
                 f"cannot resume from {folder}: it was trained for {schedule[0]} epochs of "
                 f"{schedule[1]} steps, this run has {self.epochs} epochs of "
-                f"{len(self.train_loader)} steps (the LR schedule depends on both)"  # type: ignore[arg-type]
+                f"{self.steps_per_epoch} steps (the LR schedule depends on both)"
             )
-        self.distiller.load_trainable_state_dict(weights)
+        if not hasattr(self.train_loader, "set_epoch"):
+            warnings.warn(
+                "train_loader has no set_epoch(): the resumed run cannot reproduce the batch "
+                "order of the interrupted one; use kdistill.data.TensorBatchLoader for an "
+                "exact resume",
+                ResumeWarning,
+                stacklevel=3,
+            )
+        try:
+            self.distiller.load_trainable_state_dict(weights)
+        except RuntimeError as err:
+            raise ResumeError(
+                f"{folder / 'model.safetensors'} does not fit this run's student/adapters: {err}"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -376,9 +591,39 @@ class Trainer:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.history = json.loads(state["history"])
+        self._consecutive_skips = int(state.get("consecutive_skips", 0))
+        epoch = int(state["epoch"])
+        if step:
+            saved = state["partial"]
+            self._partial = _Partial(
+                epoch,
+                step,
+                {k: v.to(self.device) for k, v in saved["sums"].items()},
+                saved["correct"].to(self.device),
+                int(saved["seen"]),
+                int(saved["skipped"]),
+                float(saved["elapsed_s"]),
+            )
+        self._restore_step_log(epoch * self.steps_per_epoch + step)
         if self.progress:
-            tqdm.write(f"resumed from {folder} (epoch {state['epoch']})")
-        return int(state["epoch"])
+            where = f"epoch {epoch}" + (f", step {step}" if step else "")
+            tqdm.write(f"resumed from {folder} ({where})")
+        return epoch
+
+    def _restore_step_log(self, global_step: int) -> None:
+        """Cut ``steps.jsonl`` back to the checkpoint's steps (the rest is redone)."""
+        path = self.output_dir / STEP_LOG
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        kept = lines[:global_step]
+        if len(kept) < global_step or (kept and not kept[-1].endswith("\n")):
+            warnings.warn(
+                f"{path} holds {len(kept)} of the {global_step} steps before the checkpoint; "
+                "the per-step log of the resumed run has a gap",
+                ResumeWarning,
+                stacklevel=4,
+            )
+        atomic_write_text(path, "".join(kept))
+        self._pending_steps = []
 
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
@@ -394,15 +639,31 @@ class Trainer:
 
 
 def _check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], folder: Path) -> None:
+    """Raise :class:`ResumeError` for differences that change training; warn for the rest."""
+    if not saved and not current:
+        return
     if not saved or not current:
+        which = "the checkpoint has no config" if not saved else "this run gives no config"
+        warnings.warn(
+            f"resuming from {folder}: {which}, so the configs cannot be compared",
+            ResumeWarning,
+            stacklevel=4,
+        )
         return
     before, after = _flatten(saved), _flatten(current)
-    changed = sorted(
-        k
-        for k in before.keys() | after.keys()
-        if before.get(k) != after.get(k)
-        and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_DIFFERENCES)
-    )
+    differ = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    harmless = [
+        k for k in differ if any(k == p or k.startswith(p + ".") for p in RESUMABLE_DIFFERENCES)
+    ]
+    changed = [k for k in differ if k not in harmless]
+    if harmless and not changed:
+        details = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in harmless)
+        warnings.warn(
+            f"resuming from {folder} with settings that differ but do not change training: "
+            f"{details}",
+            ResumeWarning,
+            stacklevel=4,
+        )
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
         raise ResumeError(
@@ -427,8 +688,10 @@ def _as_tuple(value: Any) -> Any:
 
 
 def _format_row(row: Mapping[str, Any]) -> str:
+    skipped = row.get("skipped_steps", 0)
     return (
         f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
         f"train_acc {row['train_accuracy']:.4f} test_acc {row['test_accuracy']:.4f} "
-        f"({row['epoch_time_s']:.1f}s)"
+        + (f"skipped {skipped} non-finite steps " if skipped else "")
+        + f"({row['epoch_time_s']:.1f}s)"
     )

@@ -4,7 +4,10 @@ For data sets that fit in memory (Fashion-MNIST is 188 MB as float32) indexing w
 batches out of one tensor avoids the per-sample ``__getitem__`` + collate of a
 ``DataLoader``. Shuffling and augmentation draw from a generator seeded by
 ``(seed, epoch)``, so epoch ``k`` yields the same batches whether or not training was
-interrupted and resumed before it — the basis of exact resume.
+interrupted and resumed before it — the basis of exact resume. :meth:`set_start_step` lets a
+resume continue *inside* an epoch: the skipped batches are not yielded, but their
+augmentation still draws from the generator, so every later batch is bit-identical to an
+uninterrupted epoch's.
 """
 
 from __future__ import annotations
@@ -91,13 +94,27 @@ class TensorBatchLoader:
         self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
+        self.start_step = 0
 
     @property
     def num_samples(self) -> int:
         return next(iter((*self.tensors, *self.named.values()))).shape[0]
 
     def set_epoch(self, epoch: int) -> None:
+        """Fix the order and augmentation of the next iterations; also resets the start step."""
         self.epoch = epoch
+        self.start_step = 0
+
+    def set_start_step(self, step: int) -> None:
+        """Start iterations of the current epoch at batch ``step`` (resuming mid-epoch).
+
+        The first ``step`` batches are skipped, yet augmentation is still applied to them so
+        that the epoch's generator is at the same point as in an uninterrupted epoch: batch
+        ``step`` onward is identical to the full epoch's. :meth:`set_epoch` resets it to 0.
+        """
+        if not 0 <= step <= len(self):
+            raise ValueError(f"start step must be in [0, {len(self)}], got {step}")
+        self.start_step = step
 
     def __len__(self) -> int:
         n, b = self.num_samples, self.batch_size
@@ -109,6 +126,11 @@ class TensorBatchLoader:
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            if i < self.start_step:
+                if self.augment is not None:  # draw what this batch would have drawn
+                    first = self.named["inputs"] if self.named else self.tensors[0]
+                    self.augment(first[index], generator)
+                continue
             if self.named:
                 batch = {k: t[index] for k, t in self.named.items()}
                 if self.augment is not None:
