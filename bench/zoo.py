@@ -180,8 +180,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--test-subset", type=int, default=None)
     parser.add_argument("--output-dir", default="runs/zoo")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     methods = [m for m in _methods() if m.name.split()[0] in args.methods]
     train = fashion_mnist_dataset("train", subset=args.train_subset, seed=0)
@@ -222,6 +225,7 @@ def _table(
 ) -> str:
     lines = [
         f"`python bench/zoo.py --epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))}"
+        f"{f' --threads {args.threads}' if args.threads else ''}"
         f"{f' --train-subset {args.train_subset}' if args.train_subset else ''}` — commit "
         f"{_commit()}, {platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}. TeacherCNN (shipped, 0.87 M) → SmallCNN (47 k), {n_train} "
