@@ -22,6 +22,9 @@ stage's ``torch.save`` d state dict; pruning stores zeros densely, so it only sh
 once compressed — hence the gzip column. torch.ao.quantization is deprecated upstream in
 favour of torchao; while this torch still ships it the quantisation stages use it, and a
 stage that fails (a model FX cannot trace, an API that is gone) is reported as such.
+Quantised kernels have no deterministic implementation: call the int8 models outside
+``torch.use_deterministic_algorithms(True)`` (or with ``warn_only=True``), e.g. inside
+``with determinism(False):``.
 """
 
 from __future__ import annotations
@@ -170,11 +173,28 @@ def count_weights(model: nn.Module) -> tuple[int, int]:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """torch.ao.quantization warns about its own deprecation on every call."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), determinism(False):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\..*")
         warnings.filterwarnings("ignore", message=r".*quantiz.*")
         yield
+
+
+@contextmanager
+def determinism(enabled: bool | None = None) -> Iterator[None]:
+    """Restore torch's deterministic-algorithms setting (and its warn-only flag) on exit.
+
+    Quantised kernels have no deterministic implementation, so a run that asked for strict
+    determinism (as training does) would make them raise; ``enabled=False`` lifts it inside.
+    """
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled is not None:
+        torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=warn_only)
 
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
@@ -370,14 +390,13 @@ def _compress(
         )
     if finetune_epochs > 0:
         threads = torch.get_num_threads()
-        deterministic = torch.are_deterministic_algorithms_enabled()
         try:
-            current = _finetune(
-                current, cfg, run_dir, out, finetune_epochs, finetune_overrides, log
-            )
-        finally:  # run_experiment may change both; keep every stage measured alike
+            with determinism():  # run_experiment turns it on
+                current = _finetune(
+                    current, cfg, run_dir, out, finetune_epochs, finetune_overrides, log
+                )
+        finally:  # and may change the threads; keep every stage measured alike
             torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic)
         epochs = f"{finetune_epochs} epoch{'s' * (finetune_epochs != 1)}"
         stage(f"+ KD fine-tune {epochs}", current, "3_finetuned.pt", "re-masked")
     save_weights(out / "pruned_student.safetensors", current.state_dict())

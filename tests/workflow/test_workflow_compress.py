@@ -12,6 +12,7 @@ from kdistill.cli import main
 from kdistill.compress import (
     compress_run,
     count_weights,
+    determinism,
     prune_structured,
     prune_unstructured,
     quantize_dynamic_int8,
@@ -44,7 +45,8 @@ def test_static_fx_quantisation_of_a_cnn_runs_and_is_smaller() -> None:
     calibration = torch.randn(64, 1, 28, 28)
     quantized = quantize_static_fx(model, calibration)
     x = torch.randn(5, 1, 28, 28)
-    out = quantized(x)
+    with determinism(False):  # int8 kernels refuse strict determinism
+        out = quantized(x)
     assert out.shape == (5, 10) and torch.isfinite(out).all()
     assert len(state_dict_bytes(quantized)) < len(state_dict_bytes(model)) / 2
 
@@ -53,7 +55,8 @@ def test_dynamic_quantisation_of_linear_layers_is_smaller_and_close() -> None:
     model = MLP(hidden=(64,)).eval()
     quantized = quantize_dynamic_int8(model)
     x = torch.randn(8, 1, 28, 28)
-    assert torch.allclose(quantized(x), model(x), atol=0.1)
+    with determinism(False):
+        assert torch.allclose(quantized(x), model(x), atol=0.1)
     assert len(state_dict_bytes(quantized)) < len(state_dict_bytes(model)) / 2
 
 
