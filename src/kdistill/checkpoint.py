@@ -75,7 +75,7 @@ def checkpoint_name(epoch: int, step: int = 0) -> str:
 # -- atomic files ----------------------------------------------------------------------------
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)``, fsync, then rename to ``path``: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

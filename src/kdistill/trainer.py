@@ -63,7 +63,9 @@ RESUMABLE_DIFFERENCES = (
 
 STEP_LOG = "steps.jsonl"
 """Per-step log in the output folder: one ``{"epoch", "step", "global_step", "loss"}`` line per
-batch (``"skipped": true`` and ``"loss": null`` for a skipped non-finite batch)."""
+batch, ``epoch`` counted from 1 (as in ``metrics.jsonl``), ``step`` (within the epoch) and
+``global_step`` from 0 (as in error messages); ``"skipped": true`` and ``"loss": null`` for a
+skipped non-finite batch."""
 
 _REQUIRED_STATE = ("epoch", "optimizer", "scheduler", "torch_rng", "python_rng")
 
@@ -139,7 +141,9 @@ def build_scheduler(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: Iterable[tuple[Tensor, ...]], device: torch.device | str = "cpu"
+    model: nn.Module,
+    loader: Iterable[Sequence[Tensor] | Mapping[str, Tensor]],
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` over ``loader``'s ``(x, y, ...)``."""
     was_training = model.training
@@ -172,7 +176,7 @@ def unpack_batch(
     ``target``, ``index`` and ``teacher.<name>`` entries.
     """
     if isinstance(batch, Mapping):
-        teacher = {
+        teacher: dict[str, Tensor] | None = {
             k[len(TEACHER_PREFIX) :]: v.to(device, non_blocking=True)
             for k, v in batch.items()
             if k.startswith(TEACHER_PREFIX)
@@ -253,8 +257,8 @@ class Trainer:
     def __init__(
         self,
         distiller: Distiller,
-        train_loader: Iterable[tuple[Tensor, ...]],
-        eval_loader: Iterable[tuple[Tensor, ...]],
+        train_loader: Iterable[Sequence[Tensor] | Mapping[str, Tensor]],
+        eval_loader: Iterable[Sequence[Tensor] | Mapping[str, Tensor]],
         optim: OptimConfig,
         epochs: int,
         output_dir: str | Path,
@@ -372,7 +376,7 @@ class Trainer:
             self.distiller.set_progress(epoch + step / steps)
             out = self.distiller(x, y, teacher_outputs=cached, index=index)
             applied = self._step(out, epoch, step)
-            global_step = epoch * steps + step + 1
+            global_step = epoch * steps + step  # 0-based, like ``step``
             self._pending_steps.append((epoch, step, global_step, out["loss"].detach(), applied))
             if applied:
                 n = x.shape[0]
@@ -390,7 +394,7 @@ class Trainer:
                     loss=f"{sums['loss'].item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}"
                 )
             every = self.checkpoint_every
-            if every is not None and global_step % every == 0 and step + 1 < steps:
+            if every is not None and (global_step + 1) % every == 0 and step + 1 < steps:
                 elapsed = time.perf_counter() - began
                 done = _Partial(epoch, step + 1, sums, correct, seen, skipped, elapsed)
                 self._save_checkpoint(epoch, step + 1, done)
@@ -573,7 +577,7 @@ class Trainer:
         if not hasattr(self.train_loader, "set_epoch"):
             warnings.warn(
                 "train_loader has no set_epoch(): the resumed run cannot reproduce the batch "
-                "order of the interrupted one; use kdistill.data.TensorBatchLoader for an "
+                "order of the interrupted one; use kdistill.data.loader.TensorBatchLoader for an "
                 "exact resume",
                 ResumeWarning,
                 stacklevel=3,

@@ -135,3 +135,40 @@ def test_resume_with_a_different_steps_per_epoch_is_refused(tmp_path: Path) -> N
     other.train_loader.batch_size = 12  # type: ignore[attr-defined]
     with pytest.raises(ResumeError, match="2 epochs of 6 steps, this run has 2 epochs of 4"):
         other.fit(resume=True)
+
+
+# -- the config path ---------------------------------------------------------------------------
+
+
+def test_run_experiment_passes_the_reliability_options_to_the_trainer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import kdistill.experiment as experiment
+    from kdistill.config import config_from_dict
+
+    def fake_load_data(cfg: Any) -> Any:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+        return (x, y), (x, y)
+
+    monkeypatch.setattr(experiment, "load_data", fake_load_data)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cfg = config_from_dict(
+        {
+            "output_dir": str(tmp_path),
+            "student": {"model": "mlp", "kwargs": {"hidden": [8]}},
+            "data": {"batch_size": 4},
+            "train": {"epochs": 1, "progress": False, "checkpoint_every": 2, "skip_nonfinite": 1},
+        }
+    )
+    try:
+        result = experiment.run_experiment(cfg)
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch-*"))
+    assert names == ["epoch-0000-step-000002", "epoch-0001"]
+    assert result.fit.final["skipped_steps"] == 0
+    assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 4

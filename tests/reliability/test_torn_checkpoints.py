@@ -227,3 +227,18 @@ def test_resume_from_a_corrupted_checkpoint_fails_naming_the_file_and_the_fallba
     shutil.rmtree(tmp_path / "checkpoints/epoch-0002")  # what the message says to do
     result = trainer(tmp_path, epochs=2).fit(resume=True)
     assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_checkpoints_of_an_earlier_longer_run_are_replaced_not_resumed(tmp_path: Path) -> None:
+    for epoch in (1, 2, 3):
+        save_checkpoint(tmp_path, epoch, weights(epoch), state(epoch), keep_last=5)
+    save_checkpoint(tmp_path, 1, weights(10.0), state(1), keep_last=5)  # a new run's first
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-0001"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "epoch-0001"
+
+
+def test_a_fresh_fit_over_old_checkpoints_says_it_replaces_them(tmp_path: Path) -> None:
+    trainer(tmp_path, epochs=2).fit()
+    with pytest.warns(UserWarning, match="checkpoints of an earlier run"):
+        trainer(tmp_path, epochs=1).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch-*")) == ["epoch-0001"]
