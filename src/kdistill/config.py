@@ -170,6 +170,8 @@ class TrainConfig:
     deterministic: bool = True
     checkpoint_every: int | None = None  # also checkpoint every N optimizer steps; null: epochs
     skip_nonfinite: int = 0  # skip up to N non-finite batches in a row; 0 stops at the first
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast the forward; fp16 adds a GradScaler
+    tensorboard: bool = True  # also log epoch metrics to output_dir/tensorboard when installed
 
     def __post_init__(self) -> None:
         _check_positive(self, "epochs")

@@ -286,6 +286,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         config=cfg.to_dict(),
         checkpoint_every=cfg.train.checkpoint_every,
         skip_nonfinite=cfg.train.skip_nonfinite,
+        amp=cfg.train.amp,
+        tensorboard=cfg.train.tensorboard,
     )
     fit = trainer.fit(resume=resume)
     summary = {

@@ -12,6 +12,11 @@ even after a SIGKILL (see ``docs/reliability.md``).
 Every optimizer step is guarded: a non-finite loss or gradient norm stops training before
 the optimizer step with a :class:`FloatingPointError` naming the loss term (or parameters)
 and the step, or, with ``skip_nonfinite=N``, skips the batch and counts it.
+
+``amp="bf16"`` or ``"fp16"`` runs the distiller's forward under :func:`torch.autocast`;
+float16 adds a :class:`torch.amp.GradScaler` whose skipped steps are counted as
+``skipped_steps`` too. Per-epoch metrics go to ``metrics.csv`` and ``metrics.jsonl``, and to
+TensorBoard (``output_dir/tensorboard``) when it is installed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +61,7 @@ RESUMABLE_DIFFERENCES = (
     "train.device",
     "train.checkpoint_every",
     "train.skip_nonfinite",
+    "train.tensorboard",
     "data.num_workers",
     "data.eval_batch_size",
     "output_dir",
@@ -68,6 +74,13 @@ batch, ``epoch`` counted from 1 (as in ``metrics.jsonl``), ``step`` (within the 
 skipped non-finite batch."""
 
 _REQUIRED_STATE = ("epoch", "optimizer", "scheduler", "torch_rng", "python_rng")
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "none": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+"""``Trainer(amp=...)``: the autocast dtype of the forward pass (``None``: float32)."""
 
 
 class ResumeError(ValueError):
@@ -252,6 +265,15 @@ class Trainer:
         skip_nonfinite: ``0`` stops at the first non-finite loss or gradient norm; ``N > 0``
             skips such batches (no optimizer step, counted as ``skipped_steps``) and stops at
             the ``N + 1``-th in a row.
+        amp: ``"bf16"`` or ``"fp16"`` runs the distiller's forward (student, live teacher,
+            loss terms) under ``torch.autocast``; evaluation stays float32. ``"fp16"`` scales
+            the loss with a ``GradScaler``: a step whose gradients overflow at a loss scale
+            above 1 is skipped by the scaler (which halves the scale) and counted in
+            ``skipped_steps`` without counting against ``skip_nonfinite``; non-finite
+            gradients at a scale of 1 or less are non-finite in their own right and handled
+            like any other (an error, or a skip under ``skip_nonfinite``).
+        tensorboard: also write each epoch's numeric metrics to ``output_dir/tensorboard``
+            when ``torch.utils.tensorboard`` can be imported (silently skipped otherwise).
     """
 
     def __init__(
@@ -268,11 +290,15 @@ class Trainer:
         keep_last: int = 2,
         checkpoint_every: int | None = None,
         skip_nonfinite: int = 0,
+        amp: Literal["none", "bf16", "fp16"] = "none",
+        tensorboard: bool = True,
     ) -> None:
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
         if skip_nonfinite < 0:
             raise ValueError(f"skip_nonfinite must be >= 0, got {skip_nonfinite}")
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
         self.distiller = distiller.to(device)
         self.train_loader = train_loader
         self.eval_loader = eval_loader
@@ -285,6 +311,9 @@ class Trainer:
         self.keep_last = keep_last
         self.checkpoint_every = checkpoint_every
         self.skip_nonfinite = skip_nonfinite
+        self.amp = amp
+        self.tensorboard = tensorboard
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, epochs, len(train_loader))  # type: ignore[arg-type]
         self.history: list[dict[str, Any]] = []
@@ -317,6 +346,18 @@ class Trainer:
             start = 0
             self._pending_steps = []
             atomic_write_text(self.output_dir / STEP_LOG, "")
+        writer = self._tensorboard_writer()
+        try:
+            self._fit_epochs(start, writer)
+        finally:
+            if writer is not None:
+                writer.close()
+        student_path = save_weights(
+            self.output_dir / "student.safetensors", self.distiller.student.state_dict()
+        )
+        return FitResult(self.history, self.output_dir, student_path)
+
+    def _fit_epochs(self, start: int, writer: Any) -> None:
         for epoch in range(start, self.epochs):
             began = time.perf_counter()
             if self._partial is not None and self._partial.epoch == epoch:
@@ -333,12 +374,13 @@ class Trainer:
             self.history.append(row)
             self._save(epoch + 1)
             self._write_metrics()
+            if writer is not None:
+                for key, value in row.items():
+                    if key != "epoch" and type(value) in (int, float):
+                        writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
             if self.progress:
                 tqdm.write(_format_row(row))
-        student_path = save_weights(
-            self.output_dir / "student.safetensors", self.distiller.student.state_dict()
-        )
-        return FitResult(self.history, self.output_dir, student_path)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training data; returns mean losses, accuracy and the last LR.
@@ -374,7 +416,8 @@ class Trainer:
         for step, batch in enumerate(bar, start=partial.step):
             x, y, cached, index = unpack_batch(batch, self.device)
             self.distiller.set_progress(epoch + step / steps)
-            out = self.distiller(x, y, teacher_outputs=cached, index=index)
+            with torch.autocast(self.device.type, AMP_DTYPES[self.amp], self.amp != "none"):
+                out = self.distiller(x, y, teacher_outputs=cached, index=index)
             applied = self._step(out, epoch, step)
             global_step = epoch * steps + step  # 0-based, like ``step``
             self._pending_steps.append((epoch, step, global_step, out["loss"].detach(), applied))
@@ -423,9 +466,23 @@ class Trainer:
                     "training was started under torch.no_grad()/inference_mode()"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is None:
+                loss.backward()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
             norm = self._grad_norm()
-            if not torch.isfinite(norm):
+            finite = bool(torch.isfinite(norm))
+            if self.scaler is not None:
+                scale = self.scaler.get_scale()
+                if finite:
+                    self.scaler.step(self.optimizer)
+                self.scaler.update()  # halves the scale after non-finite gradients
+                if not finite and scale > 1.0:  # a float16 overflow: the scaler's business
+                    return self._skip()
+            elif finite:
+                self.optimizer.step()
+            if not finite:
                 parts = {k: round(v.item(), 6) for k, v in out.items() if k.endswith("_loss")}
                 problem = (
                     f"non-finite gradient norm ({norm.item()}) at {where}: the loss terms are "
@@ -433,7 +490,6 @@ class Trainer:
                 )
         if problem is None:
             self._consecutive_skips = 0
-            self.optimizer.step()
             self.scheduler.step()
             return True
         self.optimizer.zero_grad(set_to_none=True)
@@ -448,6 +504,11 @@ class Trainer:
                 f"{problem}; {self._consecutive_skips} non-finite batches in a row, more than "
                 f"skip_nonfinite={self.skip_nonfinite}; stopped before the optimizer step"
             )
+        return self._skip()
+
+    def _skip(self) -> bool:
+        """Drop the batch's gradients without an optimizer step; returns ``False``."""
+        self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()  # the schedule stays aligned with the batches
@@ -502,6 +563,8 @@ class Trainer:
             }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         save_checkpoint(
             self.checkpoint_dir,
             epoch,
@@ -564,6 +627,8 @@ class Trainer:
         step = int(state.get("step", 0))
         if step and "partial" not in state:
             missing.append("partial (running sums of the interrupted epoch)")
+        if self.scaler is not None and "scaler" not in state:
+            missing.append("scaler (the float16 loss scale)")
         if missing:
             raise ResumeError(f"{folder}: checkpoint state lacks {missing}; cannot resume exactly")
         _check_same_config(json.loads(state.get("config", "{}")), self.config, folder)
@@ -594,6 +659,8 @@ class Trainer:
         random.setstate(_as_tuple(state["python_rng"]))
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         self.history = json.loads(state["history"])
         self._consecutive_skips = int(state.get("consecutive_skips", 0))
         epoch = int(state["epoch"])
@@ -628,6 +695,16 @@ class Trainer:
             )
         atomic_write_text(path, "".join(kept))
         self._pending_steps = []
+
+    def _tensorboard_writer(self) -> Any:
+        """A ``SummaryWriter`` on ``output_dir/tensorboard``, or ``None`` (off or not installed)."""
+        if not self.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the tensorboard package is optional
+            return None
+        return SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
