@@ -16,6 +16,7 @@ from kdistill.losses.label_smoothing import LabelSmoothingCrossEntropy
 from kdistill.losses.pkt import PKTLoss
 from kdistill.losses.rkd import RKDLoss
 from kdistill.losses.similarity import SimilarityPreservingLoss
+from kdistill.lm import TokenDivergenceLoss
 from kdistill.registry import Registry
 
 LOSSES: Registry[nn.Module] = Registry("loss")
@@ -32,4 +33,5 @@ LOSSES.add("pkt", PKTLoss)
 LOSSES.add("cc", CorrelationCongruenceLoss)
 LOSSES.add("dkd", DKDLoss)
 LOSSES.add("dist", DISTLoss)
-LOSSES.add("crd", CRDLoss)  # student_dim, teacher_dim, num_samples filled in from a dry run
+LOSSES.add("crd", CRDLoss)
+LOSSES.add("token_divergence", TokenDivergenceLoss)  # LM token-level KD, chunked over tokens  # student_dim, teacher_dim, num_samples filled in from a dry run

@@ -1,0 +1,379 @@
+"""Fused ``lm_head`` + token divergence: the student's full logits are never materialised.
+
+For a language model the ``(tokens × vocab)`` logits are usually the largest activation
+in the whole step (4,096 tokens × 151,936 ids is 2.5 GB in float32), and a distillation
+loss needs them for *both* models. Following Liger-Kernel's fused linear JSD
+(``LigerFusedLinearJSD``; Hsu et al. 2024, "Liger Kernel: Efficient Triton Kernels for
+LLM Training"), :func:`fused_linear_divergence` takes the student's last hidden states
+``h`` ``(N, H)`` and its ``lm_head`` weight ``W`` ``(V, H)`` (and bias) instead of its
+logits and, chunk by chunk of tokens::
+
+    z_c   = h_c Wᵀ (+ b)                       (chunk, V)   student logits of the chunk
+    ℓ_c   = Σ_i D(p_i ‖ q_i)                   any kind of kdistill.lm.divergences
+    g_c   = ∂ℓ_c / ∂z_c                        (chunk, V)
+    ∂h_c  = g_c W,   ∂W += g_cᵀ h_c,   ∂b += Σ_i g_c,i
+
+all inside the forward pass of one ``torch.autograd.Function``; backward only scales the
+stored ``∂h`` ``(N, H)``, ``∂W`` ``(V, H)`` and ``∂b`` by the incoming gradient. Live
+memory beyond inputs and those gradients is ``O(chunk × V)``. ``∂W`` is accumulated in
+float32 (the per-chunk matmuls run in the weight's dtype) and stored in the weight's dtype.
+
+The teacher is given either as logits ``(N, V)`` (e.g. precomputed or cached) or, to
+avoid its logits too, as hidden states ``(N, H_t)`` and its own ``lm_head`` weight
+``(V, H_t)`` (and bias), projected chunk by chunk. **The teacher gets no gradient** on
+this path — its tensors are treated as constants.
+
+All conventions (kinds, ``beta`` / ``skew_alpha``, temperature without ``T²``,
+``labels`` / ``ignore_index`` / ``mask``, mean over counted tokens, ``-inf`` handling,
+vocabulary-size rule) are those of :func:`kdistill.lm.divergences.token_divergence`, and
+the result equals ``token_divergence(F.linear(h, W, b), teacher_logits, ...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from kdistill.lm.divergences import (
+    IGNORE_INDEX,
+    _check_reduction,
+    _chunk_rows,
+    _counted,
+    _resolve,
+    _rows,
+    _scale_grad,
+    _Spec,
+    _value_and_grads,
+)
+from kdistill.lm.vocab import shared_vocab_size
+from kdistill.losses._reduce import _compute_dtype
+
+__all__ = ["FusedLinearDivergenceLoss", "fused_linear_divergence"]
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    return F.linear(x, weight, bias)
+
+
+def _fused(
+    hidden: Tensor,  # (N, H)
+    weight: Tensor,  # (V, H)
+    bias: Tensor | None,  # (V,)
+    teacher_logits: Tensor | None,  # (N, V)
+    teacher_hidden: Tensor | None,  # (N, Ht)
+    teacher_weight: Tensor | None,  # (V, Ht)
+    teacher_bias: Tensor | None,  # (V,)
+    rows: Tensor | None,
+    count: int,
+    spec: _Spec,
+    chunk: int,
+    normaliser: float,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Loss and the gradients wrt ``hidden`` / ``weight`` / ``bias`` that were asked for."""
+    teacher_ref = teacher_logits if teacher_logits is not None else teacher_weight
+    assert teacher_ref is not None
+    dtype = _compute_dtype(hidden, weight, teacher_ref)
+    total = torch.zeros((), dtype=dtype, device=hidden.device)
+    grad_h = grad_w = grad_b = None
+    if need_h:
+        grad_h = torch.zeros_like(hidden) if rows is not None else torch.empty_like(hidden)
+    if need_w:
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    if need_b and bias is not None:
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device)
+    need_logits = grad_h is not None or grad_w is not None or grad_b is not None
+    scale = 1.0 / normaliser
+
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        idx = None if rows is None else rows[start:stop]
+        h_c = hidden[start:stop] if idx is None else hidden.index_select(0, idx)
+        z_s = _linear(h_c, weight, bias)  # (n, V): the student logits of this chunk only
+        if teacher_logits is not None:
+            z_t = teacher_logits[start:stop] if idx is None else teacher_logits.index_select(0, idx)
+        else:
+            assert teacher_hidden is not None and teacher_weight is not None
+            th_c = (
+                teacher_hidden[start:stop] if idx is None else teacher_hidden.index_select(0, idx)
+            )
+            z_t = _linear(th_c, teacher_weight, teacher_bias)
+        value, g, _ = _value_and_grads(z_s, z_t, spec, need_logits, False, scale)
+        total += value
+        del z_s, z_t
+        if g is None:
+            continue
+        g_mm = g.to(weight.dtype)  # (n, V)
+        if grad_h is not None:
+            part = g_mm @ weight  # (n, H)
+            if idx is None:
+                grad_h[start:stop] = part
+            else:
+                grad_h.index_copy_(0, idx, part.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w += g_mm.T @ h_c.to(weight.dtype)  # (V, H), summed in float32
+        if grad_b is not None:
+            grad_b += g.sum(dim=0)
+
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None and bias is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return total / normaliser, grad_h, grad_w, grad_b
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    """:func:`_fused` with its gradients computed in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Tensor:  # type: ignore[override]
+        flags = tuple(ctx.needs_input_grad[:3])  # hidden, weight, bias
+        loss, grad_h, grad_w, grad_b = _fused(*(*args, *flags))
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return (
+            _scale_grad(grad_h, grad_output),
+            _scale_grad(grad_w, grad_output),
+            _scale_grad(grad_b, grad_output),
+        ) + (None,) * 9
+
+
+def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{who}_weight must be the lm_head weight of shape (V, H), got {tuple(weight.shape)}"
+        )
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{who}_hidden has shape {tuple(hidden.shape)} but {who}_weight has shape "
+            f"{tuple(weight.shape)}; the hidden size (last dim) must equal the weight's "
+            "second dim — pass the last hidden states and lm_head.weight of the same model"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(
+            f"{who}_bias has shape {tuple(bias.shape)} but {who}_weight has "
+            f"{weight.shape[0]} rows; the bias must be (V,) = ({weight.shape[0]},)"
+        )
+    if not (hidden.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise TypeError(
+            f"{who}_hidden and {who}_weight must be floating point, got {hidden.dtype} and "
+            f"{weight.dtype}"
+        )
+
+
+def fused_linear_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_logits: Tensor | None = None,
+    kind: str = "forward_kl",
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    allow_padded: bool | None = None,
+) -> Tensor:
+    """Token divergence of ``student_hidden @ student_weight.T`` vs the teacher, fused.
+
+    Equals :func:`~kdistill.lm.divergences.token_divergence` on the student's logits
+    ``F.linear(student_hidden, student_weight, student_bias)`` without ever holding them
+    whole; see the module docstring.
+
+    Args:
+        student_hidden: ``(B, T, H)`` or ``(N, H)``: the student's last hidden states
+            (for a causal LM the positions that predict, e.g. ``hidden[:, :-1]``).
+        student_weight: ``(V, H)``, the student's ``lm_head.weight``.
+        teacher_logits: ``(B, T, V_t)`` / ``(N, V_t)`` teacher logits; or leave ``None``
+            and give ``teacher_hidden`` and ``teacher_weight``.
+        kind: one of :data:`~kdistill.lm.divergences.KINDS`.
+        teacher_hidden: ``(B, T, H_t)`` / ``(N, H_t)`` teacher hidden states.
+        teacher_weight: ``(V_t, H_t)`` teacher ``lm_head.weight``.
+        student_bias: optional ``(V,)`` ``lm_head`` bias of the student (gets a gradient).
+        teacher_bias: optional ``(V_t,)`` bias of the teacher's head.
+        beta, skew_alpha, temperature, labels, ignore_index, mask, reduction, chunk_size,
+        allow_padded: as in :func:`~kdistill.lm.divergences.token_divergence`. ``V ≠ V_t``
+            slices the larger head / logits to the shared ids under the vocabulary rule.
+
+    Returns:
+        0-dim loss in the compute dtype (at least float32). Gradients flow to
+        ``student_hidden``, ``student_weight`` and ``student_bias`` only.
+
+    Raises:
+        ValueError: both or neither teacher form given, mismatched shapes, or the errors
+            of :func:`~kdistill.lm.divergences.token_divergence`.
+    """
+    spec = _resolve(kind, beta, skew_alpha, temperature)
+    _check_reduction(reduction)
+    _check_head(student_hidden, student_weight, student_bias, "student")
+    leading = student_hidden.shape[:-1]
+    has_logits = teacher_logits is not None
+    has_head = teacher_hidden is not None or teacher_weight is not None
+    if has_logits == has_head:
+        raise ValueError(
+            "give the teacher either as teacher_logits (N, V) or as teacher_hidden (N, H_t) "
+            "plus teacher_weight (V, H_t) — exactly one of the two"
+        )
+    vocab_s = student_weight.shape[0]
+    if teacher_logits is not None:
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias goes with teacher_hidden/teacher_weight, not logits")
+        if teacher_logits.dim() < 1 or teacher_logits.shape[:-1] != leading:
+            raise ValueError(
+                f"teacher_logits has shape {tuple(teacher_logits.shape)} but student_hidden "
+                f"{tuple(student_hidden.shape)}; the leading (token) shapes must be equal"
+            )
+        if not teacher_logits.dtype.is_floating_point:
+            raise TypeError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
+        vocab_t = teacher_logits.shape[-1]
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError(
+                "teacher_hidden and teacher_weight go together: pass both (the teacher's "
+                "last hidden states and its lm_head.weight)"
+            )
+        _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher")
+        if teacher_hidden.shape[:-1] != leading:
+            raise ValueError(
+                f"teacher_hidden has shape {tuple(teacher_hidden.shape)} but student_hidden "
+                f"{tuple(student_hidden.shape)}; the leading (token) shapes must be equal"
+            )
+        vocab_t = teacher_weight.shape[0]
+
+    vocab = shared_vocab_size(vocab_s, vocab_t, allow_padded=allow_padded)
+    if vocab != vocab_s:
+        student_weight = student_weight[:vocab]
+        student_bias = None if student_bias is None else student_bias[:vocab]
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.detach()[..., :vocab].reshape(-1, vocab)
+    else:
+        assert teacher_hidden is not None and teacher_weight is not None
+        teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        teacher_weight = teacher_weight.detach()[:vocab]
+        teacher_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+
+    keep = _counted(leading, labels, ignore_index, mask, student_hidden.device)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    rows, count = _rows(keep, hidden.shape[0])
+    chunk = _chunk_rows(chunk_size, vocab)
+    normaliser = float(max(count, 1)) if reduction == "mean" else 1.0
+    args = (
+        hidden,
+        student_weight,
+        student_bias,
+        teacher_logits,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        rows,
+        count,
+        spec,
+        chunk,
+        normaliser,
+    )
+    if torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, student_weight, student_bias)
+    ):
+        return _FusedLinearDivergence.apply(*args)
+    loss, _, _, _ = _fused(*args, False, False, False)
+    return loss
+
+
+class FusedLinearDivergenceLoss(nn.Module):
+    """Module form of :func:`fused_linear_divergence`; holds only the hyper-parameters.
+
+    ``forward(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
+    teacher_weight=None, student_bias=None, teacher_bias=None, labels=None, mask=None)``.
+    """
+
+    def __init__(
+        self,
+        kind: str = "forward_kl",
+        *,
+        beta: float = 0.5,
+        skew_alpha: float = 0.1,
+        temperature: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        allow_padded: bool | None = None,
+    ) -> None:
+        super().__init__()
+        _resolve(kind, beta, skew_alpha, temperature)
+        _check_reduction(reduction)
+        if chunk_size is not None:
+            _chunk_rows(chunk_size, 1)
+        self.kind = kind
+        self.beta = beta
+        self.skew_alpha = skew_alpha
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.allow_padded = allow_padded
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_logits: Tensor | None = None,
+        *,
+        teacher_hidden: Tensor | None = None,
+        teacher_weight: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        return fused_linear_divergence(
+            student_hidden,
+            student_weight,
+            teacher_logits,
+            self.kind,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            beta=self.beta,
+            skew_alpha=self.skew_alpha,
+            temperature=self.temperature,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            mask=mask,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            allow_padded=self.allow_padded,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"kind={self.kind!r}"]
+        if self.kind == "jsd":
+            parts.append(f"beta={self.beta}")
+        if self.kind in ("skew_kl", "skew_reverse_kl"):
+            parts.append(f"skew_alpha={self.skew_alpha}")
+        parts.append(f"temperature={self.temperature}")
+        if self.reduction != "mean":
+            parts.append(f"reduction={self.reduction!r}")
+        if self.chunk_size is not None:
+            parts.append(f"chunk_size={self.chunk_size}")
+        return ", ".join(parts)

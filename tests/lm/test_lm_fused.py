@@ -1,0 +1,350 @@
+"""Specification tests for the fused lm_head + divergence (`kdistill.lm.fused`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdistill.lm import (
+    KINDS,
+    FusedLinearDivergenceLoss,
+    fused_linear_divergence,
+    token_divergence,
+    token_divergence_reference,
+)
+
+NEG_INF = float("-inf")
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _setup(
+    n_shape: tuple[int, ...] = (2, 5),
+    hidden: int = 6,
+    vocab: int = 11,
+    teacher_hidden: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    g = _gen(seed)
+    return {
+        "h": torch.randn(*n_shape, hidden, generator=g, dtype=dtype),
+        "w": torch.randn(vocab, hidden, generator=g, dtype=dtype) * 0.7,
+        "b": torch.randn(vocab, generator=g, dtype=dtype) * 0.3,
+        "th": torch.randn(*n_shape, teacher_hidden, generator=g, dtype=dtype),
+        "tw": torch.randn(vocab, teacher_hidden, generator=g, dtype=dtype),
+        "tb": torch.randn(vocab, generator=g, dtype=dtype) * 0.3,
+    }
+
+
+def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [x.detach().clone().requires_grad_() for x in tensors]
+
+
+# --------------------------------------------------------------------------- equal to plain
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, None])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_equals_plain_values_and_grads_wrt_hidden_weight_and_bias(
+    kind: str, chunk_size: int | None
+) -> None:
+    """10 tokens (3 and 4 do not divide it); the plain side is lm_head then the reference."""
+    x = _setup()
+    t_logits = F.linear(x["th"], x["tw"], x["tb"])
+    labels = torch.tensor([[1, -100, 3, 4, 0], [2, 2, -100, -100, 5]])
+    kwargs = {"temperature": 1.5, "labels": labels, "beta": 0.3, "skew_alpha": 0.2}
+
+    h, w, b = _leaves(x["h"], x["w"], x["b"])
+    fused = fused_linear_divergence(
+        h, w, t_logits, kind, student_bias=b, chunk_size=chunk_size, **kwargs
+    )
+    fused.backward()
+
+    h2, w2, b2 = _leaves(x["h"], x["w"], x["b"])
+    plain = token_divergence_reference(F.linear(h2, w2, b2), t_logits, kind, **kwargs)
+    plain.backward()
+
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_hidden_and_head_equal_teacher_logits(kind: str) -> None:
+    x = _setup(seed=1)
+    h, w = _leaves(x["h"], x["w"])
+    from_head = fused_linear_divergence(
+        h,
+        w,
+        kind=kind,
+        teacher_hidden=x["th"],
+        teacher_weight=x["tw"],
+        teacher_bias=x["tb"],
+        chunk_size=3,
+    )
+    from_head.backward()
+    h2, w2 = _leaves(x["h"], x["w"])
+    from_logits = fused_linear_divergence(
+        h2, w2, F.linear(x["th"], x["tw"], x["tb"]), kind, chunk_size=4
+    )
+    from_logits.backward()
+    torch.testing.assert_close(from_head, from_logits)
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_fused_equals_chunked_token_divergence_without_bias_and_mask() -> None:
+    x = _setup(seed=2)
+    t_logits = F.linear(x["th"], x["tw"])
+    mask = torch.tensor([[True, True, False, True, True], [False, True, True, True, True]])
+    for kind in KINDS:
+        torch.testing.assert_close(
+            fused_linear_divergence(x["h"], x["w"], t_logits, kind, mask=mask, chunk_size=2),
+            token_divergence(x["h"] @ x["w"].T, t_logits, kind, mask=mask, chunk_size=2),
+        )
+
+
+def test_fused_backward_scales_by_incoming_gradient_and_sum_reduction() -> None:
+    x = _setup(seed=3)
+    t_logits = F.linear(x["th"], x["tw"])
+    h, w = _leaves(x["h"], x["w"])
+    (fused_linear_divergence(h, w, t_logits, "tv", chunk_size=3) * 3.0).backward()
+    h2, w2 = _leaves(x["h"], x["w"])
+    (token_divergence_reference(h2 @ w2.T, t_logits, "tv") * 3.0).backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(
+        fused_linear_divergence(x["h"], x["w"], t_logits, "tv", reduction="sum"),
+        token_divergence_reference(x["h"] @ x["w"].T, t_logits, "tv", reduction="sum"),
+    )
+
+
+def test_only_the_weight_requiring_grad_still_gets_its_gradient() -> None:
+    x = _setup(seed=4)
+    t_logits = F.linear(x["th"], x["tw"])
+    (w,) = _leaves(x["w"])
+    fused_linear_divergence(x["h"], w, t_logits, "jsd", chunk_size=3).backward()
+    (w2,) = _leaves(x["w"])
+    token_divergence_reference(x["h"] @ w2.T, t_logits, "jsd").backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_teacher_gets_no_gradient_on_the_fused_path() -> None:
+    x = _setup(seed=5)
+    th, tw = _leaves(x["th"], x["tw"])
+    h, w = _leaves(x["h"], x["w"])
+    fused_linear_divergence(h, w, teacher_hidden=th, teacher_weight=tw).backward()
+    assert th.grad is None and tw.grad is None
+    assert h.grad is not None
+
+
+def test_no_grad_gives_the_same_value() -> None:
+    x = _setup(seed=6)
+    t_logits = F.linear(x["th"], x["tw"])
+    h, w = _leaves(x["h"], x["w"])
+    with_grad = fused_linear_divergence(h, w, t_logits, "skew_kl", chunk_size=3)
+    with torch.no_grad():
+        without = fused_linear_divergence(h, w, t_logits, "skew_kl", chunk_size=3)
+    assert without.grad_fn is None
+    torch.testing.assert_close(with_grad.detach(), without)
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_passes_gradcheck_in_float64(kind: str) -> None:
+    x = _setup(n_shape=(5,), hidden=3, vocab=6, seed=7)
+    t_logits = F.linear(x["th"], x["tw"], x["tb"])
+    labels = torch.tensor([1, -100, 0, 5, 2])
+    h, w, b = _leaves(x["h"], x["w"], x["b"])
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: fused_linear_divergence(
+            a, c, t_logits, kind, student_bias=d, labels=labels, chunk_size=2, temperature=1.3
+        ),
+        (h, w, b),
+    )
+
+
+# --------------------------------------------------------------------------- -inf, masking
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_with_minus_inf_teacher_logits_is_finite_and_equals_plain(kind: str) -> None:
+    x = _setup(seed=8)
+    t_logits = F.linear(x["th"], x["tw"])
+    t_logits[..., 3] = NEG_INF
+    t_logits[0, 1, [0, 5]] = NEG_INF
+    h, w = _leaves(x["h"], x["w"])
+    fused = fused_linear_divergence(h, w, t_logits, kind, chunk_size=3)
+    fused.backward()
+    h2, w2 = _leaves(x["h"], x["w"])
+    plain = token_divergence_reference(h2 @ w2.T, t_logits, kind)
+    plain.backward()
+    assert math.isfinite(fused.item())
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_fully_masked_is_exactly_zero_with_zero_grads(kind: str) -> None:
+    x = _setup(seed=9, dtype=torch.float32)
+    h, w, b = _leaves(x["h"], x["w"], x["b"])
+    loss = fused_linear_divergence(
+        h,
+        w,
+        kind=kind,
+        student_bias=b,
+        teacher_hidden=x["th"],
+        teacher_weight=x["tw"],
+        labels=torch.full((2, 5), -100),
+    )
+    assert loss.item() == 0.0
+    loss.backward()
+    for leaf in (h, w, b):
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+def test_fused_ignored_rows_do_not_leak_nan() -> None:
+    x = _setup(seed=10)
+    t_logits = F.linear(x["th"], x["tw"])
+    labels = torch.tensor([[1, -100, 3, 4, 0], [2, 2, -100, 1, 5]])
+    base = fused_linear_divergence(x["h"], x["w"], t_logits, "jsd", labels=labels, chunk_size=3)
+    h_nan = x["h"].clone()
+    h_nan[0, 1] = float("nan")
+    t_nan = t_logits.clone()
+    t_nan[1, 2] = float("nan")
+    h, w = _leaves(h_nan, x["w"])
+    loss = fused_linear_divergence(h, w, t_nan, "jsd", labels=labels, chunk_size=3)
+    loss.backward()
+    assert torch.equal(loss.detach(), base)
+    assert torch.isfinite(w.grad).all()
+    assert torch.equal(h.grad[labels == -100], torch.zeros(2, 6, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- dtypes, vocab
+
+
+def test_fused_bfloat16_gives_float32_loss_and_bf16_grads_close_to_float32() -> None:
+    x = _setup(n_shape=(4, 8), hidden=16, vocab=64, teacher_hidden=8, seed=11, dtype=torch.float32)
+    t_logits = F.linear(x["th"], x["tw"])
+    h, w = (y.to(torch.bfloat16).requires_grad_() for y in (x["h"], x["w"]))
+    loss = fused_linear_divergence(h, w, t_logits.to(torch.bfloat16), "forward_kl", chunk_size=5)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    h2, w2 = (y.detach().float().requires_grad_() for y in (h, w))
+    ref = token_divergence_reference(h2 @ w2.T, t_logits.to(torch.bfloat16).float(), "forward_kl")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad.float(), w2.grad, rtol=5e-2, atol=2e-3)
+
+
+def test_fused_with_a_padded_teacher_head_slices_to_the_shared_ids() -> None:
+    x = _setup(seed=12)
+    extra = torch.randn(3, 4, generator=_gen(13), dtype=torch.float64)
+    tw_padded = torch.cat([x["tw"], extra])  # teacher head with 3 padding rows
+    h, w = _leaves(x["h"], x["w"])
+    loss = fused_linear_divergence(
+        h, w, teacher_hidden=x["th"], teacher_weight=tw_padded, allow_padded=True
+    )
+    torch.testing.assert_close(
+        loss, fused_linear_divergence(x["h"], x["w"], F.linear(x["th"], x["tw"]))
+    )
+    with pytest.raises(
+        ValueError, match=r"student's vocabulary has 11 ids but the teacher's has 14"
+    ):
+        fused_linear_divergence(h, w, teacher_hidden=x["th"], teacher_weight=tw_padded)
+
+
+def test_fused_with_a_padded_student_head_gives_zero_grad_to_padding_rows() -> None:
+    x = _setup(seed=14)
+    w_padded = torch.cat([x["w"], torch.randn(2, 6, dtype=torch.float64, generator=_gen(15))])
+    (w,) = _leaves(w_padded)
+    t_logits = F.linear(x["th"], x["tw"])
+    fused_linear_divergence(x["h"], w, t_logits, "reverse_kl", allow_padded=True).backward()
+    assert torch.equal(w.grad[11:], torch.zeros(2, 6, dtype=torch.float64))
+    (w2,) = _leaves(x["w"])
+    token_divergence_reference(x["h"] @ w2.T, t_logits, "reverse_kl").backward()
+    torch.testing.assert_close(w.grad[:11], w2.grad)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_fused_graph_saves_no_n_by_v_tensor() -> None:
+    n, hid, v = 64, 16, 512
+    g = _gen(16)
+    h = torch.randn(n, hid, generator=g, requires_grad=True)
+    w = torch.randn(v, hid, generator=g, requires_grad=True)
+    t_logits = torch.randn(n, v, generator=g)
+    total = 0
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += x.numel() * x.element_size()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = fused_linear_divergence(h, w, t_logits, "jsd", chunk_size=8)
+    # only the gradients of h (N·H) and W (V·H) in float32, far below one (N, V) float32
+    assert total == (n * hid + v * hid) * 4
+    assert total < n * v * 4 / 3
+    loss.backward()
+
+
+# --------------------------------------------------------------------------- validation, module
+
+
+def test_fused_rejects_both_or_neither_teacher_form() -> None:
+    x = _setup()
+    t_logits = F.linear(x["th"], x["tw"])
+    with pytest.raises(ValueError, match="exactly one of the two"):
+        fused_linear_divergence(x["h"], x["w"])
+    with pytest.raises(ValueError, match="exactly one of the two"):
+        fused_linear_divergence(
+            x["h"], x["w"], t_logits, teacher_hidden=x["th"], teacher_weight=x["tw"]
+        )
+    with pytest.raises(ValueError, match="go together"):
+        fused_linear_divergence(x["h"], x["w"], teacher_hidden=x["th"])
+
+
+def test_fused_rejects_mismatched_hidden_size_and_token_shapes() -> None:
+    x = _setup()
+    with pytest.raises(ValueError, match=r"student_hidden has shape \(2, 5, 6\).*\(11, 7\)"):
+        fused_linear_divergence(x["h"], torch.randn(11, 7, dtype=torch.float64), x["h"])
+    with pytest.raises(ValueError, match=r"teacher_logits has shape \(2, 4, 11\)"):
+        fused_linear_divergence(x["h"], x["w"], torch.randn(2, 4, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"student_bias has shape \(10,\)"):
+        fused_linear_divergence(x["h"], x["w"], torch.randn(2, 5, 11), student_bias=torch.zeros(10))
+
+
+def test_fused_module_equals_function() -> None:
+    x = _setup(seed=17)
+    t_logits = F.linear(x["th"], x["tw"])
+    labels = torch.tensor([[1, -100, 3, 4, 0], [2, 2, -100, 1, 5]])
+    module = FusedLinearDivergenceLoss("jsd", beta=0.7, temperature=2.0, chunk_size=3)
+    assert list(module.parameters()) == []
+    torch.testing.assert_close(
+        module(x["h"], x["w"], t_logits, student_bias=x["b"], labels=labels),
+        fused_linear_divergence(
+            x["h"],
+            x["w"],
+            t_logits,
+            "jsd",
+            beta=0.7,
+            temperature=2.0,
+            student_bias=x["b"],
+            labels=labels,
+        ),
+    )
+    assert "beta=0.7" in repr(module)
