@@ -8,6 +8,7 @@ int8 quantisation), ``export`` (self-describing safetensors, ONNX) and ``predict
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +19,15 @@ from kdistill.trainer import ResumeError
 
 def _run(args: argparse.Namespace) -> int:
     from kdistill.experiment import run_experiment
+    from kdistill.schemes.config import has_scheme
+    from kdistill.schemes.runner import run_scheme_file
 
+    if has_scheme(args.config):  # online, self-distillation, EMA, multi-teacher, unlabelled
+        summary = run_scheme_file(args.config, args.set, resume=args.resume).summary
+        print(
+            json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str)
+        )
+        return 0
     cfg = load_config(args.config, args.set)
     result = run_experiment(cfg, resume=args.resume)
     student = result.summary["student"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from kdistill.lm import TokenDivergenceLoss
 from kdistill.losses.attention import AttentionTransferLoss
 from kdistill.losses.correlation import CorrelationCongruenceLoss
 from kdistill.losses.cosine import CosineLoss
@@ -16,7 +17,6 @@ from kdistill.losses.label_smoothing import LabelSmoothingCrossEntropy
 from kdistill.losses.pkt import PKTLoss
 from kdistill.losses.rkd import RKDLoss
 from kdistill.losses.similarity import SimilarityPreservingLoss
-from kdistill.lm import TokenDivergenceLoss
 from kdistill.registry import Registry
 
 LOSSES: Registry[nn.Module] = Registry("loss")
@@ -34,4 +34,6 @@ LOSSES.add("cc", CorrelationCongruenceLoss)
 LOSSES.add("dkd", DKDLoss)
 LOSSES.add("dist", DISTLoss)
 LOSSES.add("crd", CRDLoss)
-LOSSES.add("token_divergence", TokenDivergenceLoss)  # LM token-level KD, chunked over tokens  # student_dim, teacher_dim, num_samples filled in from a dry run
+LOSSES.add(
+    "token_divergence", TokenDivergenceLoss
+)  # LM token-level KD, chunked over tokens  # student_dim, teacher_dim, num_samples filled in from a dry run
