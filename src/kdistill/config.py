@@ -233,8 +233,10 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML file, apply ``key.sub=value`` overrides, and validate."""
+def read_config_file(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The plain data of a YAML config file with ``key.sub=value`` overrides applied."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -246,7 +248,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
         )
-    return config_from_dict(apply_overrides(data, overrides))
+    return apply_overrides(data, overrides)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML file, apply ``key.sub=value`` overrides, and validate."""
+    return config_from_dict(read_config_file(path, overrides))
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:

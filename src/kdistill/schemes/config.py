@@ -27,9 +27,9 @@ from kdistill.config import (
     ExperimentConfig,
     ModelConfig,
     _build,
-    apply_overrides,
     config_from_dict,
     parse_yaml,
+    read_config_file,
 )
 
 SchemeName = Literal[
@@ -286,16 +286,7 @@ def load_scheme_config(
     path: str | Path, overrides: list[str] | tuple[str, ...] = ()
 ) -> tuple[ExperimentConfig, SchemeConfig]:
     """Read a scheme YAML file, apply ``key.sub=value`` overrides, and validate both parts."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return split_scheme_dict(apply_overrides(data, overrides))
+    return split_scheme_dict(read_config_file(path, overrides))
 
 
 def has_scheme(path: str | Path) -> bool:
