@@ -8,7 +8,6 @@ int8 quantisation), ``export`` (self-describing safetensors, ONNX) and ``predict
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -19,15 +18,12 @@ from kdistill.trainer import ResumeError
 
 def _run(args: argparse.Namespace) -> int:
     from kdistill.experiment import run_experiment
+    from kdistill.schemes.__main__ import main as scheme_main
     from kdistill.schemes.config import has_scheme
-    from kdistill.schemes.runner import run_scheme_file
 
     if has_scheme(args.config):  # online, self-distillation, EMA, multi-teacher, unlabelled
-        summary = run_scheme_file(args.config, args.set, resume=args.resume).summary
-        print(
-            json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str)
-        )
-        return 0
+        overrides = [arg for item in args.set for arg in ("--set", item)]
+        return scheme_main(["run", args.config, *overrides, *(["--resume"] * args.resume)])
     cfg = load_config(args.config, args.set)
     result = run_experiment(cfg, resume=args.resume)
     student = result.summary["student"]

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kdistill.cli import main as kdistill_main
 from kdistill.config import ConfigError
 from kdistill.data.fashion_mnist import DatasetNotFoundError, find_fashion_mnist
 from kdistill.schemes.__main__ import main
@@ -130,8 +132,9 @@ def test_example_runs_on_a_tiny_subset(path: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not installed")
+@pytest.mark.parametrize("main", [main, kdistill_main], ids=["python -m", "kdistill run"])
 def test_command_line_runs_a_scheme_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    main: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["run", str(EXAMPLES / "aux_heads.yaml"), "--set", f"output_dir={tmp_path}"]
     for item in TINY:
