@@ -76,6 +76,8 @@ def _methods() -> list[Method]:
     return [
         Method("baseline (CE)", lambda n, e: [], teacher_keys=[]),
         Method("KD", lambda n, e: [term("kd", KDLoss(4.0), 0.9, LOGITS, LOGITS)], ce_weight=0.1),
+        Method("KD2 (KD at T = 2, the demo's setting)",
+               lambda n, e: [term("kd", KDLoss(2.0), 0.9, LOGITS, LOGITS)], ce_weight=0.1),
         Method(
             "FitNets",
             lambda n, e: [term("hint", HintLoss(), 100.0, S_MAP, T_MAP, adapter=AUTO)],

@@ -48,7 +48,7 @@ def test_every_zoo_method_runs_and_lands_in_the_table(tmp_path: Path) -> None:
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     names = [row.split("|")[1].strip() for row in rows[1:]]
     assert names == [m.name for m in zoo._methods()]
-    assert len(names) == 11
+    assert len(names) == 12
 
 
 def test_update_section_replaces_only_the_marked_block(tmp_path: Path) -> None:
