@@ -56,7 +56,7 @@ class DataConfig:
     root: str | None = None  # folder holding the data set's standard files; else the lookup
     train_subset: int | None = None  # stratified subset of the training set
     test_subset: int | None = None
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split across processes under torchrun
     eval_batch_size: int = 512
     num_workers: int = 0
     augment: bool = (

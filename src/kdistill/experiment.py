@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill import distributed
 from kdistill.checkpoint import atomic_write_text, load_weights
 from kdistill.config import ConfigError, DistillConfig, ExperimentConfig, ModelConfig, TermConfig
 from kdistill.data import fashion_mnist_dataset
@@ -232,8 +233,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         return run_stages(cfg, resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    rank, world_size = distributed.init_from_env()  # (0, 1) unless started by torchrun
     seed_everything(cfg.seed, cfg.train.deterministic)
-    device = resolve_device(cfg.train.device)
+    device = distributed.local_device(resolve_device(cfg.train.device))
     (train_x, train_y), (test_x, test_y) = load_data(cfg)
 
     teacher = load_model(cfg.teacher, "teacher") if cfg.teacher is not None else None
@@ -273,6 +275,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         augment=augmentation(cfg) if cfg.data.augment else False,
         drop_last=True,
         seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
     )
     trainer = Trainer(
         distiller,
@@ -314,7 +318,10 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         "seconds": sum(r["epoch_time_s"] for r in fit.history),
         "config": cfg.to_dict(),
     }
-    atomic_write_text(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if distributed.is_main():
+        atomic_write_text(
+            Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n"
+        )
     return RunResult(fit, summary)
 
 
@@ -343,7 +350,8 @@ def run_stages(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         student = dataclasses.replace(cfg.student, checkpoint=result.summary["student"]["weights"])
     last = results[-1][1]
     last.summary["stages"] = [{"stage": n, **r.summary["student"]} for n, r in results]
-    atomic_write_text(root / "summary.json", json.dumps(last.summary, indent=2) + "\n")
+    if distributed.is_main():
+        atomic_write_text(root / "summary.json", json.dumps(last.summary, indent=2) + "\n")
     return last
 
 

@@ -17,6 +17,11 @@ and the step, or, with ``skip_nonfinite=N``, skips the batch and counts it.
 float16 adds a :class:`torch.amp.GradScaler` whose skipped steps are counted as
 ``skipped_steps`` too. Per-epoch metrics go to ``metrics.csv`` and ``metrics.jsonl``, and to
 TensorBoard (``output_dir/tensorboard``) when it is installed.
+
+Under ``torchrun`` (a process group from :func:`kdistill.distributed.init_from_env`) the student
+and loss-term adapters are trained through :class:`~torch.nn.parallel.DistributedDataParallel`
+(the frozen teacher is not wrapped); logged losses and accuracy are averaged over all ranks and
+only rank 0 writes files. Checkpoints hold the same keys as a single-process run's.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kdistill import distributed
 from kdistill.checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -245,6 +251,23 @@ class _Partial:
     elapsed_s: float
 
 
+class _TrainableParts(nn.Module):
+    """Student and loss terms (adapters) as one module for DDP; ``forward`` is the distiller's.
+
+    The distiller is held outside the module tree, so its frozen teacher is not part of what
+    DDP wraps, broadcasts or synchronises.
+    """
+
+    def __init__(self, distiller: Distiller) -> None:
+        super().__init__()
+        self.student = distiller.student
+        self.terms = distiller.terms
+        object.__setattr__(self, "distiller", distiller)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        return self.distiller(*args, **kwargs)  # type: ignore[operator]
+
+
 class Trainer:
     """Trains ``distiller``'s student (and adapters) and evaluates it every epoch.
 
@@ -321,6 +344,13 @@ class Trainer:
         self._consecutive_skips = 0
         self._partial: _Partial | None = None
         self._pending_steps: list[tuple[int, int, int, Tensor, bool]] = []
+        self._forward: nn.Module = self.distiller
+        if distributed.is_distributed():
+            self.progress = progress and distributed.is_main()
+            self._forward = nn.parallel.DistributedDataParallel(
+                _TrainableParts(self.distiller),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -345,16 +375,18 @@ class Trainer:
                 )
             start = 0
             self._pending_steps = []
-            atomic_write_text(self.output_dir / STEP_LOG, "")
-        writer = self._tensorboard_writer()
+            if distributed.is_main():
+                atomic_write_text(self.output_dir / STEP_LOG, "")
+        writer = self._tensorboard_writer() if distributed.is_main() else None
         try:
             self._fit_epochs(start, writer)
         finally:
             if writer is not None:
                 writer.close()
-        student_path = save_weights(
-            self.output_dir / "student.safetensors", self.distiller.student.state_dict()
-        )
+        student_path = self.output_dir / "student.safetensors"
+        if distributed.is_main():
+            save_weights(student_path, self.distiller.student.state_dict())
+        distributed.barrier()  # no rank returns before the weights are written
         return FitResult(self.history, self.output_dir, student_path)
 
     def _fit_epochs(self, start: int, writer: Any) -> None:
@@ -373,7 +405,8 @@ class Trainer:
             }
             self.history.append(row)
             self._save(epoch + 1)
-            self._write_metrics()
+            if distributed.is_main():
+                self._write_metrics()
             if writer is not None:
                 for key, value in row.items():
                     if key != "epoch" and type(value) in (int, float):
@@ -417,7 +450,7 @@ class Trainer:
             x, y, cached, index = unpack_batch(batch, self.device)
             self.distiller.set_progress(epoch + step / steps)
             with torch.autocast(self.device.type, AMP_DTYPES[self.amp], self.amp != "none"):
-                out = self.distiller(x, y, teacher_outputs=cached, index=index)
+                out = self._forward(x, y, teacher_outputs=cached, index=index)
             applied = self._step(out, epoch, step)
             global_step = epoch * steps + step  # 0-based, like ``step``
             self._pending_steps.append((epoch, step, global_step, out["loss"].detach(), applied))
@@ -441,6 +474,10 @@ class Trainer:
                 elapsed = time.perf_counter() - began
                 done = _Partial(epoch, step + 1, sums, correct, seen, skipped, elapsed)
                 self._save_checkpoint(epoch, step + 1, done)
+        if distributed.is_distributed():  # the global means: equal shares on every rank
+            sums = {k: distributed.all_sum(sums[k]) for k in sorted(sums)}
+            correct = distributed.all_sum(correct)
+            seen *= distributed.world_size()
         metrics = {f"train_{k}": (v / max(seen, 1)).item() for k, v in sums.items()}
         metrics.setdefault("train_loss", math.nan)  # every batch of the epoch was skipped
         metrics["train_accuracy"] = correct.item() / max(seen, 1)
@@ -455,7 +492,7 @@ class Trainer:
             f"epoch {epoch + 1}, step {step} (global step {epoch * self.steps_per_epoch + step})"
         )
         problem = None
-        if not torch.isfinite(loss):
+        if not distributed.all_true(bool(torch.isfinite(loss)), loss.device):
             parts = {k: v.item() for k, v in out.items() if k.endswith("_loss")}
             bad = [k for k, v in parts.items() if not math.isfinite(v)]
             problem = f"non-finite loss at {where}: terms {bad} (all parts: {parts})"
@@ -471,7 +508,7 @@ class Trainer:
             else:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
-            norm = self._grad_norm()
+            norm = self._grad_norm()  # of the all-reduced gradients: the same on every rank
             finite = bool(torch.isfinite(norm))
             if self.scaler is not None:
                 scale = self.scaler.get_scale()
@@ -565,6 +602,8 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if not distributed.is_main():
+            return
         save_checkpoint(
             self.checkpoint_dir,
             epoch,
@@ -578,7 +617,12 @@ class Trainer:
         """Append the pending step records to ``steps.jsonl`` and fsync it."""
         if not self._pending_steps:
             return
-        losses = torch.stack([record[3].float() for record in self._pending_steps]).tolist()
+        losses_t = torch.stack([record[3].float() for record in self._pending_steps])
+        # every rank flushes at the same steps; the logged loss is the mean over ranks
+        losses = (distributed.all_sum(losses_t) / distributed.world_size()).tolist()
+        if not distributed.is_main():
+            self._pending_steps = []
+            return
         lines = []
         for (epoch, step, global_step, _, applied), loss in zip(
             self._pending_steps, losses, strict=True
@@ -693,7 +737,9 @@ class Trainer:
                 ResumeWarning,
                 stacklevel=4,
             )
-        atomic_write_text(path, "".join(kept))
+        distributed.barrier()  # every rank has read the log before rank 0 cuts it
+        if distributed.is_main():
+            atomic_write_text(path, "".join(kept))
         self._pending_steps = []
 
     def _tensorboard_writer(self) -> Any:

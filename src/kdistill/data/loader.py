@@ -63,6 +63,11 @@ class TensorBatchLoader:
         augment: ``True`` for :func:`random_shift_flip`, or any ``fn(batch, generator)``,
             applied to the first tensor (or ``inputs``) with the epoch's generator.
         drop_last: skip a final short batch (keeps BatchNorm statistics sane).
+        rank / world_size: data parallelism (:mod:`kdistill.distributed`). ``batch_size``
+            stays the *global* batch: every rank draws the same per-epoch order and
+            augmentation and yields its contiguous ``batch_size // world_size`` rows of each
+            global batch (``len()`` is unchanged), so equal shares make DDP's averaged
+            gradient that of the whole batch. ``batch_size`` must divide by ``world_size``.
     """
 
     def __init__(
@@ -73,6 +78,8 @@ class TensorBatchLoader:
         augment: bool | Callable[[Tensor, torch.Generator], Tensor] = False,
         drop_last: bool = False,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
         **named: Tensor,
     ) -> None:
         if bool(tensors) == bool(named):
@@ -84,6 +91,13 @@ class TensorBatchLoader:
             raise ValueError(f"all tensors must have the same first dimension, got {sorted(sizes)}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size and batch_size divisible by world_size; got "
+                f"rank {rank}, world_size {world_size}, batch_size {batch_size}"
+            )
+        self.rank = rank
+        self.world_size = world_size
         self.tensors = tensors
         self.named = named
         self.batch_size = batch_size
@@ -131,14 +145,17 @@ class TensorBatchLoader:
                     first = self.named["inputs"] if self.named else self.tensors[0]
                     self.augment(first[index], generator)
                 continue
+            # With world_size > 1 the whole global batch is augmented (the generator draws as
+            # in a one-process run), then this rank keeps its share.
+            mine = torch.arange(index.numel()).tensor_split(self.world_size)[self.rank]
             if self.named:
                 batch = {k: t[index] for k, t in self.named.items()}
                 if self.augment is not None:
                     batch["inputs"] = self.augment(batch["inputs"], generator)
                 batch["index"] = index
-                yield batch
+                yield {k: v[mine] for k, v in batch.items()} if self.world_size > 1 else batch
             else:
                 items = [t[index] for t in self.tensors]
                 if self.augment is not None:
                     items[0] = self.augment(items[0], generator)
-                yield tuple(items)
+                yield tuple(t[mine] for t in items) if self.world_size > 1 else tuple(items)
