@@ -576,11 +576,8 @@ def token_divergence_reference(
     return per_token.sum() / max(per_token.numel(), 1)
 
 
-class TokenDivergenceLoss(nn.Module):
-    """Module form of :func:`token_divergence`; holds only the hyper-parameters.
-
-    ``forward(student_logits, teacher_logits, labels=None, mask=None)``.
-    """
+class DivergenceSettings(nn.Module):
+    """The hyper-parameters shared by the token-divergence loss modules, validated once."""
 
     def __init__(
         self,
@@ -607,6 +604,13 @@ class TokenDivergenceLoss(nn.Module):
         self.reduction = reduction
         self.chunk_size = chunk_size
         self.allow_padded = allow_padded
+
+
+class TokenDivergenceLoss(DivergenceSettings):
+    """Module form of :func:`token_divergence`; holds only the hyper-parameters.
+
+    ``forward(student_logits, teacher_logits, labels=None, mask=None)``.
+    """
 
     def forward(
         self,

@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kdistill.lm.divergences import (
     IGNORE_INDEX,
+    DivergenceSettings,
     _check_reduction,
     _chunk_rows,
     _counted,
@@ -299,38 +300,12 @@ def fused_linear_divergence(
     return loss
 
 
-class FusedLinearDivergenceLoss(nn.Module):
+class FusedLinearDivergenceLoss(DivergenceSettings):
     """Module form of :func:`fused_linear_divergence`; holds only the hyper-parameters.
 
     ``forward(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
     teacher_weight=None, student_bias=None, teacher_bias=None, labels=None, mask=None)``.
     """
-
-    def __init__(
-        self,
-        kind: str = "forward_kl",
-        *,
-        beta: float = 0.5,
-        skew_alpha: float = 0.1,
-        temperature: float = 1.0,
-        ignore_index: int = IGNORE_INDEX,
-        reduction: str = "mean",
-        chunk_size: int | None = None,
-        allow_padded: bool | None = None,
-    ) -> None:
-        super().__init__()
-        _resolve(kind, beta, skew_alpha, temperature)
-        _check_reduction(reduction)
-        if chunk_size is not None:
-            _chunk_rows(chunk_size, 1)
-        self.kind = kind
-        self.beta = beta
-        self.skew_alpha = skew_alpha
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.chunk_size = chunk_size
-        self.allow_padded = allow_padded
 
     def forward(
         self,
