@@ -225,15 +225,13 @@ def test_dkd_module_equals_function_and_declares_it_needs_targets() -> None:
 
 # =========================================================================== DIST
 
-_EPS = 1e-8
-
 
 def _pearson(a: list[float], b: list[float]) -> float:
     ma, mb = sum(a) / len(a), sum(b) / len(b)
     da, db = [x - ma for x in a], [x - mb for x in b]
     num = sum(x * y for x, y in zip(da, db, strict=True))
     den = math.sqrt(sum(x * x for x in da)) * math.sqrt(sum(y * y for y in db))
-    return num / (den + _EPS)
+    return num / den  # the exact correlation: kdistill's relative eps is ~1e-8 of it
 
 
 def _reference_dist(
@@ -249,15 +247,29 @@ def _reference_dist(
     return temperature**2 * inter, temperature**2 * intra
 
 
-@pytest.mark.parametrize("temperature", [1.0, 4.0])
-def test_dist_parts_match_slow_reference(temperature: float) -> None:
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 100.0, 1000.0])
+def test_dist_parts_match_slow_exact_pearson_at_every_temperature(temperature: float) -> None:
     s, t = _randn(5, 6, seed=0, scale=2.0), _randn(5, 6, seed=1, scale=2.0)
     inter_ref, intra_ref = _reference_dist(s.tolist(), t.tolist(), temperature)
     inter, intra = dist_parts(s, t, temperature)
-    assert inter.item() == pytest.approx(inter_ref, rel=1e-10, abs=1e-12)
-    assert intra.item() == pytest.approx(intra_ref, rel=1e-10, abs=1e-12)
+    # exact up to a relative eps · ‖b_c‖² / ‖a_c‖² (6e-7 here for one low-spread class at T=0.5)
+    assert inter.item() == pytest.approx(inter_ref, rel=1e-6)
+    assert intra.item() == pytest.approx(intra_ref, rel=1e-6)
     expected = 0.5 * inter_ref + 2.0 * intra_ref
-    assert dist_loss(s, t, 0.5, 2.0, temperature).item() == pytest.approx(expected, rel=1e-10)
+    assert dist_loss(s, t, 0.5, 2.0, temperature).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dist_is_scale_free_where_the_authors_absolute_eps_is_not() -> None:
+    """At T = 1e3 softened probabilities differ by ~1e-4: an absolute eps = 1e-8 in the
+    denominator (Huang et al.'s code) moves ρ by ~1 %, the relative eps by ~1e-9."""
+    s, t = _randn(8, 10, seed=20), _randn(8, 10, seed=21)
+    y_s, y_t = torch.softmax(s / 1e3, -1), torch.softmax(t / 1e3, -1)
+    a, b = y_s - y_s.mean(1, keepdim=True), y_t - y_t.mean(1, keepdim=True)
+    exact = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    authors = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+    inter, _ = dist_parts(s, t, 1e3)
+    assert (authors - exact).abs().max() > 1e-3
+    assert inter.item() == pytest.approx(1e6 * (1.0 - exact.mean().item()), rel=1e-7)
 
 
 def test_dist_matches_numpy_corrcoef() -> None:

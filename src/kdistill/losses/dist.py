@@ -10,9 +10,28 @@ teacher's predictions, measured by the Pearson correlation ``ρ``. With
     intra = 1 − mean_c ρ(Y^S_:,c , Y^T_:,c)      per class, along the batch
     dist  = T² · (beta · inter + gamma · intra)
 
-with ``ρ(a, b) = ⟨a − ā, b − b̄⟩ / (‖a − ā‖ · ‖b − b̄‖ + eps)`` and ``eps = 1e-8``,
-exactly as the authors' code (which also multiplies by ``tau²``). Defaults are
-the paper's ``beta = gamma = 1`` and ``T = 1``.
+with ``ρ`` the Pearson correlation; the authors' code also multiplies by
+``tau²``. Defaults are the paper's ``beta = gamma = 1`` and ``T = 1``.
+
+Numerics (where this differs from the authors' code, which divides by
+``‖a_c‖ · ‖b_c‖ + 1e-8``, ``a_c = a − ā``): the regulariser is relative, inside the
+square roots::
+
+    ρ(a, b) = ⟨a_c, b_c⟩ / sqrt((‖a_c‖² + eps ‖b_c‖² + tiny) · (‖b_c‖² + eps ‖a_c‖² + tiny))
+
+with ``eps = 1e-8`` and ``tiny = 1e-20``. Pearson's ρ is scale-invariant and so is
+this one (up to ``tiny``), so it is the exact correlation up to a relative
+``eps · ‖b_c‖² / ‖a_c‖²`` at every temperature — the authors' absolute ``eps``
+changes ρ by ~1 % at ``T = 1e3``, where softened probabilities differ by ~1e-4.
+And at a constant student row (a zero-initialised classifier; saturated logits)
+the gradient is bounded by ``1 / (sqrt(eps) ‖b_c‖)`` (~1e4) instead of
+``‖b_c‖ / 1e-8`` (~1e7), which overflowed float16 (tests/reliability).
+
+The ``T²`` factor is part of the method, and because ρ does not shrink with
+``T`` (unlike KL, whose ``1 / T²`` gradient it was meant to offset) DIST's
+gradient grows like ``T²``: ≈ 2e5 at ``T = 1e3`` for unit-scale logits, beyond
+float16's largest number (65504). Keep ``T`` ≤ 100 with float16 logits (the
+paper uses 1–4); float32/bfloat16 are fine at any ``T``.
 
 Because the correlations are shift- and scale-invariant, only the relations
 matter: identical logits give 0 (up to ``eps``), and adding a constant to a row
@@ -38,7 +57,9 @@ from kdistill.losses.kd import _check_pair, _check_temperature
 
 __all__ = ["DISTLoss", "dist_loss", "dist_parts"]
 
-_PEARSON_EPS = 1e-8
+_PEARSON_EPS = 1e-8  # relative: the other vector's squared norm times this
+_PEARSON_TINY = 1e-20  # absolute floor: constant vectors give 0, not 0 / 0 (and tiny^-1.5
+# stays finite in float32, so the gradient there is 0, not 0 * inf)
 
 
 def _check_weight(name: str, value: float) -> None:
@@ -49,15 +70,19 @@ def _check_weight(name: str, value: float) -> None:
 
 
 def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
-    """Pearson correlation of ``a`` and ``b`` along ``dim`` (``eps`` in the denominator).
+    """Pearson correlation of ``a`` and ``b`` along ``dim``, with a relative ``eps``.
 
-    ``vector_norm`` has a zero (not ``NaN``) gradient at a zero vector, so
-    constant slices give correlation 0 with finite gradients.
+    The ``eps`` inside the square roots scales with the other vector's variance,
+    so the result stays scale-invariant, and bounds the gradient at a constant
+    slice (correlation 0 there). See the module docstring.
     """
     a = a - a.mean(dim=dim, keepdim=True)
     b = b - b.mean(dim=dim, keepdim=True)
-    norms = torch.linalg.vector_norm(a, dim=dim) * torch.linalg.vector_norm(b, dim=dim)
-    return (a * b).sum(dim=dim) / (norms + _PEARSON_EPS)
+    ss_a = (a * a).sum(dim=dim)
+    ss_b = (b * b).sum(dim=dim)
+    inv_a = torch.rsqrt(ss_a + _PEARSON_EPS * ss_b + _PEARSON_TINY)
+    inv_b = torch.rsqrt(ss_b + _PEARSON_EPS * ss_a + _PEARSON_TINY)
+    return (a * b).sum(dim=dim) * inv_a * inv_b
 
 
 def dist_parts(
