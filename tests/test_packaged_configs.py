@@ -29,11 +29,12 @@ def test_packaged_config_is_valid(path: Path) -> None:
     assert build_terms(cfg.distill, cfg.teacher is not None)
 
 
-# Scheme examples (examples/schemes/) have their own runner and are run in tests/schemes/.
+# Scheme examples (examples/schemes/) have their own runner and are run in tests/schemes/;
+# LM examples (examples/lm/, `kdistill lm`) are run in tests/lm/test_lm_train.py.
 EXAMPLES = sorted(
     p
     for p in (Path(__file__).resolve().parents[1] / "examples").rglob("*.yaml")
-    if p.parent.name != "schemes"
+    if p.parent.name not in ("schemes", "lm")
 )
 
 

@@ -1,8 +1,9 @@
 """The ``kdistill`` command line.
 
-``run`` a YAML experiment, the built-in ``demo``, and the workflow around them: ``report``
-(Markdown + PNG figures), ``sweep`` (temperature × alpha grid), ``compress`` (pruning and
-int8 quantisation), ``export`` (self-describing safetensors, ONNX) and ``predict``.
+``run`` a YAML experiment, ``lm`` a language-model distillation, the built-in ``demo``, and
+the workflow around them: ``report`` (Markdown + PNG figures), ``sweep`` (temperature × alpha
+grid), ``compress`` (pruning and int8 quantisation), ``export`` (self-describing safetensors,
+ONNX) and ``predict``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"student {student['model']}: test accuracy {student['test_accuracy']:.4f} "
         f"(best {student['best_test_accuracy']:.4f}); weights in {student['weights']}"
+    )
+    return 0
+
+
+def _lm(args: argparse.Namespace) -> int:
+    from kdistill.lm.config import load_lm_config
+    from kdistill.lm.train import run_lm
+
+    result = run_lm(load_lm_config(args.config, args.set), resume=args.resume)
+    student, teacher = result.summary["student"], result.summary["teacher"]
+    versus = f"; teacher {teacher['eval']['perplexity']:.2f}" if teacher else ""
+    print(
+        f"student: held-out perplexity {student['final']['perplexity']:.2f} (before "
+        f"training {student['initial']['perplexity']:.2f}{versus}); weights in "
+        f"{student['weights']} and {student['hf_folder']}"
     )
     return 0
 
@@ -148,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
     )
     run.set_defaults(func=_run)
+
+    lm = sub.add_parser(
+        "lm", help="distil a language model (token KD, seq-KD, GKD, DistilBERT) from YAML"
+    )
+    lm.add_argument("config", help="path to an LM YAML file (see examples/lm/)")
+    lm.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set distill.divergence=reverse_kl (repeatable)",
+    )
+    lm.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
+    )
+    lm.set_defaults(func=_lm)
 
     demo = sub.add_parser("demo", help="teacher vs student with and without KD on Fashion-MNIST")
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke run on a subset")

@@ -114,6 +114,10 @@ class DistillConfig:
     label_smoothing: float = 0.0  # applied to the hard-label term
     cache_teacher: bool = True  # run the frozen teacher once over the training set
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # cached feature maps
+    # Folder of an on-disk teacher cache (kdistill.cache): built on the first run, then read
+    # instead of running the teacher; a stale or damaged cache is refused unless cache_rebuild.
+    cache_dir: str | None = None
+    cache_rebuild: bool = False  # rebuild the cache_dir cache even if one is there
     terms: list[TermConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -125,6 +129,11 @@ class DistillConfig:
             )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.cache_dir is not None and not self.cache_teacher:
+            raise ConfigError(
+                "cache_dir: needs cache_teacher: true (the on-disk cache replaces the teacher "
+                "pass); set cache_teacher: true or remove cache_dir"
+            )
         names = [t.name for t in self.terms]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -9,11 +9,18 @@ parameters are seen by the optimizer and saved in checkpoints.
 The teacher is frozen here and only here (:func:`freeze`): no gradients, evaluated under
 ``torch.inference_mode``, and kept in eval mode even when the distiller is put in training
 mode (as mdistiller's ``Distiller.train`` does).
+
+Inputs are a tensor (``model(x)``) or a mapping of tensors passed as keyword arguments
+(``model(**inputs)``, e.g. Hugging Face ``input_ids`` / ``attention_mask``); a model's
+output is a tensor or anything with ``logits`` (a Hugging Face ``ModelOutput``) — see
+:func:`call_model` and :func:`output_logits`. For mapping inputs, losses that declare
+``requires_mask = True`` also get the batch's ``attention_mask`` ``(B, T)`` as ``mask=``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +30,71 @@ from kdistill.taps import FeatureTaps
 
 LOGITS = "logits"
 """The name that selects a model's own output instead of an inner layer."""
+
+Inputs: TypeAlias = Tensor | Mapping[str, Tensor]
+"""A model input: one tensor, or keyword tensors such as ``input_ids`` and ``attention_mask``."""
+
+ATTENTION_MASK = "attention_mask"
+"""The key of mapping inputs that is handed to ``requires_mask`` losses as ``mask=``."""
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """``model(**inputs)`` for a mapping of tensors (Hugging Face style), else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def output_logits(output: Any) -> Tensor:
+    """The logits in a model's output.
+
+    A tensor is returned as is. A Hugging Face ``ModelOutput`` (or any mapping / object)
+    gives its ``logits``; a headless encoder without ``logits`` gives its
+    ``last_hidden_state`` ``(B, T, H)``.
+
+    Raises:
+        TypeError: the output holds neither.
+    """
+    if isinstance(output, Tensor):
+        return output
+    for key in (LOGITS, "last_hidden_state"):
+        value = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
+        if isinstance(value, Tensor):
+            return value
+    keys = list(output.keys()) if isinstance(output, Mapping) else type(output).__name__
+    raise TypeError(
+        f"cannot find logits in a model output of {keys}: return a tensor, or an object with "
+        "`logits` (or `last_hidden_state`) such as a Hugging Face ModelOutput"
+    )
+
+
+def input_device(inputs: Inputs) -> torch.device:
+    """The device of a tensor input, or of the first tensor of a mapping input."""
+    if isinstance(inputs, Mapping):
+        for value in inputs.values():
+            if isinstance(value, Tensor):
+                return value.device
+        raise ValueError(f"mapping inputs hold no tensor: keys {sorted(inputs)}")
+    return inputs.device
+
+
+def untie_shared_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of ``state`` in which tensors sharing storage with an earlier entry are cloned.
+
+    Tied weights (a Hugging Face ``lm_head`` sharing the input embedding) appear twice in
+    ``state_dict()``; safetensors refuses to save shared storage. Cloning keeps both keys, so
+    ``load_state_dict`` (strict) of the result restores the same, still tied, model.
+    """
+    seen: set[tuple[torch.device, int]] = set()
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        ptr = (value.device, value.untyped_storage().data_ptr()) if value.numel() else None
+        if ptr is not None and ptr in seen:
+            value = value.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = value
+    return out
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -45,6 +117,8 @@ class LossTerm(nn.Module):
             True`` the dataset indices (``index=``), e.g. DKD and CRD.
         weight: factor of this term in the total loss.
         student: ``"logits"`` or a student module name.
+            Losses with ``requires_mask = True`` also get the ``attention_mask`` of
+            mapping inputs as ``mask=`` (``None`` for tensor inputs).
         teacher: ``"logits"``, a teacher module name, or ``None`` to compare with labels.
         adapter: module applied to the student tensor first (e.g. a 1×1 conv when the
             student layer is narrower than the teacher's, as in FitNets); ``"auto"`` builds
@@ -95,11 +169,12 @@ class LossTerm(nn.Module):
         reference: Tensor,
         target: Tensor | None = None,
         index: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         if self.adapter is not None:
             student_value = self.adapter(student_value)
         args: list[Tensor] = [student_value, reference]
-        kwargs: dict[str, Tensor] = {}
+        kwargs: dict[str, Tensor | None] = {}
         if getattr(self.loss, "requires_target", False):
             if target is None:
                 raise ValueError(
@@ -113,6 +188,8 @@ class LossTerm(nn.Module):
                     "index of each sample; pass index= to the distiller"
                 )
             kwargs["index"] = index
+        if getattr(self.loss, "requires_mask", False):
+            kwargs["mask"] = mask
         try:
             return self.loss(*args, **kwargs)
         except ValueError as err:  # name the term and its tensors in shape errors
@@ -130,13 +207,15 @@ class Distiller(nn.Module):
     """Teacher + student + weighted loss terms; ``forward`` returns the loss and its parts.
 
     Args:
-        student: any ``nn.Module`` mapping inputs to logits.
+        student: any ``nn.Module`` mapping inputs to logits (a tensor, or an output with
+            ``logits`` such as a Hugging Face ``ModelOutput``).
         terms: the loss terms; their weighted sum is the training loss.
         teacher: any ``nn.Module``; frozen here. May be ``None`` when no term uses it
             (plain supervised training, label smoothing) or when teacher outputs are always
             passed in precomputed (a teacher-output cache).
 
-    ``forward(inputs, target, teacher_outputs=None)`` returns a dict with ``loss`` (the
+    ``forward(inputs, target, teacher_outputs=None)`` — ``inputs`` a tensor or a mapping of
+    keyword tensors (:func:`call_model`) — returns a dict with ``loss`` (the
     weighted sum, with gradients), ``logits`` (the student's, detached) and one detached,
     unweighted ``"<term>_loss"`` per term for logging.
     """
@@ -202,10 +281,14 @@ class Distiller(nn.Module):
                 yield param
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Student and term (adapter) weights: what a checkpoint must hold. No teacher."""
+        """Student and term (adapter) weights: what a checkpoint must hold. No teacher.
+
+        Tied tensors (e.g. an ``lm_head`` sharing the embedding) are cloned, so that the
+        dict can be saved as safetensors (:func:`untie_shared_tensors`).
+        """
         state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
         state.update({f"terms.{k}": v for k, v in self.terms.state_dict().items()})
-        return state
+        return untie_shared_tensors(state)
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
         student = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
@@ -216,7 +299,7 @@ class Distiller(nn.Module):
     # -- shapes and adapters -----------------------------------------------------------
 
     @torch.no_grad()
-    def probe_shapes(self, inputs: Tensor) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
+    def probe_shapes(self, inputs: Inputs) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
         """Shapes of every tensor the terms compare, from one forward of each model in eval mode.
 
         Returns ``(student_shapes, teacher_shapes)`` keyed by ``"logits"`` or layer name.
@@ -227,7 +310,7 @@ class Distiller(nn.Module):
             else {}
         )
 
-    def build_adapters(self, inputs: Tensor) -> list[str]:
+    def build_adapters(self, inputs: Inputs) -> list[str]:
         """Create the ``adapter="auto"`` adapters whose shapes differ; returns their term names.
 
         Needs the live teacher. Call before building the optimizer, so it sees the adapters.
@@ -240,22 +323,22 @@ class Distiller(nn.Module):
         for term in pending:
             s, t = student_shapes[term.student], teacher_shapes[term.teacher]
             if s[1:] != t[1:] and getattr(term.loss, "same_shape", False):
-                term.adapter = make_adapter(s, t).to(inputs.device)
+                term.adapter = make_adapter(s, t).to(input_device(inputs))
                 built.append(term.name)
         return built
 
     # -- forward ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _teacher_inference(self, inputs: Tensor) -> dict[str, Tensor]:
+    def _teacher_inference(self, inputs: Inputs) -> dict[str, Tensor]:
         assert self.teacher is not None and self._teacher_taps is not None
         with self._teacher_taps:
-            logits = self.teacher(inputs)
+            logits = output_logits(call_model(self.teacher, inputs))
             outputs = self._teacher_taps.pop()
         outputs[LOGITS] = logits
         return outputs
 
-    def teacher_forward(self, inputs: Tensor) -> dict[str, Tensor]:
+    def teacher_forward(self, inputs: Inputs) -> dict[str, Tensor]:
         """The teacher's logits and tapped layers, computed without autograd.
 
         Outputs are cloned out of inference mode so that losses may save them for backward.
@@ -268,13 +351,13 @@ class Distiller(nn.Module):
 
     def forward(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: Tensor | None = None,
         teacher_outputs: Mapping[str, Tensor] | None = None,
         index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         with self._student_taps as taps:
-            logits = self.student(inputs)  # (B, C)
+            logits = output_logits(call_model(self.student, inputs))  # (B, C) or (B, T, V)
             student_values = taps.pop()
         student_values[LOGITS] = logits
 
@@ -284,11 +367,12 @@ class Distiller(nn.Module):
                 teacher_outputs if teacher_outputs is not None else self.teacher_forward(inputs)
             )
 
+        mask = inputs.get(ATTENTION_MASK) if isinstance(inputs, Mapping) else None
         total = logits.new_zeros((), dtype=torch.float32)
         result: dict[str, Tensor] = {}
         for term in self.terms:
             reference = self._reference(term, teacher_values, target)
-            value = term(student_values[term.student], reference, target, index)
+            value = term(student_values[term.student], reference, target, index, mask)
             total = total + term.weight_at(self.progress) * value
             result[f"{term.name}_loss"] = value.detach()
         result["loss"] = total
@@ -314,7 +398,7 @@ class Distiller(nn.Module):
 
 
 @torch.no_grad()
-def probe_shapes(model: nn.Module, layers: Sequence[str], inputs: Tensor) -> dict[str, torch.Size]:
+def probe_shapes(model: nn.Module, layers: Sequence[str], inputs: Inputs) -> dict[str, torch.Size]:
     """Output shapes of ``model`` (as ``"logits"``) and its named ``layers`` on ``inputs``.
 
     Runs in eval mode (so BatchNorm running statistics are untouched) and restores the mode.
@@ -323,7 +407,7 @@ def probe_shapes(model: nn.Module, layers: Sequence[str], inputs: Tensor) -> dic
     model.eval()
     try:
         with FeatureTaps(model, list(layers)) as taps:
-            logits = model(inputs)
+            logits = output_logits(call_model(model, inputs))
             shapes = {name: value.shape for name, value in taps.pop().items()}
     finally:
         model.train(was_training)

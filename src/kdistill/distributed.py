@@ -15,15 +15,21 @@ per-rank mean-loss gradients: the gradient of the mean loss over the global batc
 run therefore trains the same student as a one-process run of the same config, up to float
 summation order (students with BatchNorm differ more: each rank normalises with its own share's
 statistics). Only rank 0 writes checkpoints, logs and the final weights.
+
+Language-model students can instead be sharded with FSDP2 (:func:`shard_student`,
+:func:`lm_distill_step`, :func:`full_state_dict`; see the section at the end of this module).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def init_from_env() -> tuple[int, int]:
@@ -91,3 +97,143 @@ def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- FSDP for language models ---------------------------------------------------------------
+#
+# DDP keeps a full copy of the student (and its optimizer state) on every rank. For a language
+# model student that is most of the memory, so :func:`shard_student` shards it with FSDP2
+# (``torch.distributed.fsdp.fully_shard``): each rank keeps 1/N of every parameter, gradient
+# and optimizer state, and all-gathers a block's parameters just before it runs. The frozen
+# teacher is not wrapped: it needs no gradients or optimizer state, and every rank runs it on
+# its own share of the batch (shard it yourself with ``fully_shard`` if it does not fit).
+# FSDP2 runs on CPU with gloo (what the CI test uses) as on CUDA with nccl.
+
+
+def default_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: the elements of its ``nn.ModuleList`` s.
+
+    For Hugging Face causal LMs these are the decoder layers (``model.model.layers``), the
+    usual FSDP unit: each is all-gathered just before it runs and freed after.
+    """
+    return [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+
+
+def shard_student(
+    student: nn.Module,
+    blocks: Sequence[nn.Module] | None = None,
+    **fsdp_kwargs: Any,
+) -> nn.Module:
+    """Shard ``student`` in place with FSDP2 over all ranks; returns it.
+
+    Args:
+        student: the trainable model, on this rank's device, before the optimizer is built
+            (the optimizer must see the sharded parameters).
+        blocks: the submodules to shard as units (each all-gathered on its own); ``None``:
+            :func:`default_blocks`. The root gets the rest (embeddings, final norm, head, and
+            tied weights, which must stay in one unit).
+        fsdp_kwargs: passed to ``fully_shard`` (``mesh``, ``reshard_after_forward``,
+            ``mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)``, ...).
+
+    Raises:
+        RuntimeError: when no process group is initialised (use :func:`init_from_env`).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "shard_student needs a process group: start with torchrun and call "
+            "kdistill.distributed.init_from_env() first"
+        )
+    for block in default_blocks(student) if blocks is None else blocks:
+        fully_shard(block, **fsdp_kwargs)
+    fully_shard(student, **fsdp_kwargs)
+    return student
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on CPU, on rank 0; ``{}`` on other ranks.
+
+    Works for FSDP-sharded and plain models alike (a plain model's own state dict, on CPU).
+    Every rank must call it (the shards are all-gathered).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_distributed():
+        return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def rank_share(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of a global batch ``(B, ...)`` (``B`` divisible by N)."""
+    n = world_size()
+    if tensor.shape[0] % n:
+        raise ValueError(
+            f"the global batch of {tensor.shape[0]} rows does not split into {n} equal shares"
+        )
+    return tensor.tensor_split(n)[rank()]
+
+
+def lm_distill_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    grad_clip: float | None = 1.0,
+    **divergence: Any,
+) -> float:
+    """One distillation step of a causal LM on this rank's share of a global batch.
+
+    The loss is :func:`kdistill.lm.token_divergence` between the student's and the frozen
+    teacher's logits ``(b, T, V)`` at every counted position (``attention_mask``), averaged
+    over the counted tokens of the **global** batch: each rank's summed divergence is divided
+    by ``N_tokens / world_size``, so the gradient average FSDP's reduce-scatter (or DDP's
+    all-reduce) takes is the gradient of the global token mean, whatever the padding per rank.
+    An N-process step therefore equals the one-process step on the whole batch up to float
+    summation order.
+
+    Args:
+        student: the (sharded) student returning logits or an object with ``.logits``.
+        teacher: the frozen teacher; run under ``torch.inference_mode``.
+        input_ids: this rank's ``(b, T)`` token ids (see :func:`rank_share`).
+        optimizer: over the student's (sharded) parameters.
+        attention_mask: ``(b, T)``; positions with 0 do not count (and are masked in both
+            models).
+        grad_clip: max global gradient norm, or ``None``.
+        divergence: ``kind``, ``temperature``, ``beta``, ... for ``token_divergence``.
+
+    Returns:
+        The global mean loss of the step (the same on every rank).
+    """
+    from kdistill.lm import token_divergence
+
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    with torch.inference_mode():
+        teacher_logits = _logits(teacher(input_ids, **kwargs))  # (b, T, V)
+    teacher_logits = teacher_logits.clone()  # out of inference mode, usable by autograd
+    student_logits = _logits(student(input_ids, **kwargs))  # (b, T, V)
+    mask = None if attention_mask is None else attention_mask.bool()
+    counted = input_ids.numel() if mask is None else mask.sum()
+    counted = torch.as_tensor(counted, dtype=torch.float64, device=input_ids.device)
+    total_tokens = float(all_sum(counted).item())
+    loss_sum = token_divergence(
+        student_logits, teacher_logits, mask=mask, reduction="sum", **divergence
+    )
+    loss = loss_sum * (world_size() / max(total_tokens, 1.0))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"non-finite gradient norm {norm.item()}")
+    optimizer.step()
+    return float(all_sum(loss_sum.detach()).item() / max(total_tokens, 1.0))
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits

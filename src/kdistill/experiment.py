@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill import distributed
+from kdistill.cache import CacheError, ShardedTensor, load_or_build
 from kdistill.checkpoint import atomic_write_text, load_weights
 from kdistill.config import ConfigError, DistillConfig, ExperimentConfig, ModelConfig, TermConfig
 from kdistill.data import fashion_mnist_dataset
@@ -249,20 +250,23 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
 
     eval_loader = TensorBatchLoader(test_x, test_y, batch_size=cfg.data.eval_batch_size)
     teacher_metrics: dict[str, float] | None = None
-    cached: dict[str, Tensor] = {}
+    cached: dict[str, Any] = {}  # "teacher.<key>": Tensor, or ShardedTensor from cache_dir
     if teacher is not None:
         teacher.to(device)
         teacher_metrics = evaluate(teacher, eval_loader, device)
         if distiller.teacher is not None and cfg.distill.cache_teacher:
             _check_cacheable(cfg)
-            cached = cache_teacher_outputs(
-                teacher,
-                distiller.teacher_keys,
-                train_x,
-                cfg.data.eval_batch_size,
-                device,
-                getattr(torch, cfg.distill.cache_dtype),
-            )
+            if cfg.distill.cache_dir is not None:
+                cached = disk_teacher_outputs(cfg, teacher, distiller.teacher_keys, train_x, device)
+            else:
+                cached = cache_teacher_outputs(
+                    teacher,
+                    distiller.teacher_keys,
+                    train_x,
+                    cfg.data.eval_batch_size,
+                    device,
+                    getattr(torch, cfg.distill.cache_dtype),
+                )
             distiller.drop_teacher()  # every teacher output now comes from the cache
             teacher.cpu()
 
@@ -384,6 +388,48 @@ def cache_teacher_outputs(
                 parts[key].append(value.to("cpu", map_dtype if value.dim() > 2 else torch.float32))
     teacher.train(was_training)
     return {f"{TEACHER_PREFIX}{key}": torch.cat(chunks) for key, chunks in parts.items()}
+
+
+def disk_teacher_outputs(
+    cfg: ExperimentConfig,
+    teacher: nn.Module,
+    keys: Sequence[str],
+    train_x: Tensor,
+    device: torch.device,
+) -> dict[str, ShardedTensor]:
+    """The teacher outputs ``keys`` from the on-disk cache ``distill.cache_dir``.
+
+    Builds the cache (one teacher pass, :func:`kdistill.cache.build_cache`) when the folder
+    has none or ``distill.cache_rebuild`` is set; otherwise opens it, refusing it when it was
+    made by another teacher or from other data, or is damaged. Under torchrun rank 0 builds
+    and the others wait, then open and check it. Returns ``{"teacher.<key>": (N, ...)}``
+    memory-mapped tensors that the batch loader indexes per batch, holding exactly what
+    :func:`cache_teacher_outputs` returns.
+    """
+    assert cfg.distill.cache_dir is not None
+    path = Path(cfg.distill.cache_dir).expanduser()
+    d = cfg.data
+    build = {
+        "data_name": f"{d.name}:train(subset={d.train_subset}, seed={cfg.seed})",
+        "transform": "none",
+        "keys": list(keys),
+        "batch_size": d.eval_batch_size,
+        "device": device,
+        "map_dtype": getattr(torch, cfg.distill.cache_dtype),
+    }
+    try:
+        if distributed.is_main():
+            cache, built = load_or_build(
+                path, teacher, train_x, rebuild=cfg.distill.cache_rebuild, **build
+            )
+            if built and cfg.train.progress:
+                print(f"teacher cache: wrote {path} ({cache.num_rows} rows)")
+        distributed.barrier()
+        if not distributed.is_main():
+            cache, _ = load_or_build(path, teacher, train_x, rebuild=False, **build)
+    except CacheError as err:
+        raise ConfigError(f"distill.cache_dir: {err}") from err
+    return {f"{TEACHER_PREFIX}{key}": cache[key] for key in keys}
 
 
 def _check_cacheable(cfg: ExperimentConfig) -> None:

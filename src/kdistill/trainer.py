@@ -35,7 +35,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +55,7 @@ from kdistill.checkpoint import (
     save_weights,
 )
 from kdistill.config import OptimConfig
-from kdistill.distiller import LOGITS, Distiller
+from kdistill.distiller import LOGITS, Distiller, Inputs, untie_shared_tensors
 
 # Config keys that may differ between a checkpoint and the resuming run without changing
 # what is trained (``train.epochs`` is not among them: it shapes the LR schedule). A resume
@@ -70,6 +70,8 @@ RESUMABLE_DIFFERENCES = (
     "train.tensorboard",
     "data.num_workers",
     "data.eval_batch_size",
+    "distill.cache_dir",  # the on-disk teacher cache holds what the in-memory one would
+    "distill.cache_rebuild",
     "output_dir",
 )
 
@@ -185,14 +187,32 @@ def evaluate(
 TEACHER_PREFIX = "teacher."
 """Dict batches carry cached teacher outputs as ``"teacher.<logits or layer name>"``."""
 
+IGNORE_INDEX = -100
+"""Targets equal to this do not count in the training accuracy and its token count (padding
+and prompt tokens of language-model batches, as in Hugging Face)."""
+
+
+def _to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True)
+
+
+def _batch_size(inputs: Inputs) -> int:
+    if isinstance(inputs, Mapping):
+        return next(v for v in inputs.values() if isinstance(v, Tensor)).shape[0]
+    return inputs.shape[0]
+
 
 def unpack_batch(
-    batch: Sequence[Tensor] | Mapping[str, Tensor], device: torch.device | str
-) -> tuple[Tensor, Tensor | None, dict[str, Tensor] | None, Tensor | None]:
+    batch: Sequence[Tensor] | Mapping[str, Any], device: torch.device | str
+) -> tuple[Inputs, Tensor | None, dict[str, Tensor] | None, Tensor | None]:
     """``(inputs, target, teacher_outputs, index)`` from a tuple or dict batch, on ``device``.
 
-    Tuples are ``(x, y)`` or ``(x, y, teacher_logits)``; dicts hold ``inputs`` and optionally
-    ``target``, ``index`` and ``teacher.<name>`` entries.
+    Tuples are ``(x, y)`` or ``(x, y, teacher_logits)``; dicts hold ``inputs`` (a tensor, or a
+    mapping of keyword tensors such as a language model's ``input_ids`` and
+    ``attention_mask``) and optionally ``target``, ``index`` and ``teacher.<name>`` entries;
+    other keys are ignored.
     """
     if isinstance(batch, Mapping):
         teacher: dict[str, Tensor] | None = {
@@ -202,7 +222,7 @@ def unpack_batch(
         }
         target, index = batch.get("target"), batch.get("index")
         return (
-            batch["inputs"].to(device, non_blocking=True),
+            _to_device(batch["inputs"], device),
             None if target is None else target.to(device, non_blocking=True),
             teacher or None,
             None if index is None else index.to(device, non_blocking=True),
@@ -297,6 +317,13 @@ class Trainer:
             like any other (an error, or a skip under ``skip_nonfinite``).
         tensorboard: also write each epoch's numeric metrics to ``output_dir/tensorboard``
             when ``torch.utils.tensorboard`` can be imported (silently skipped otherwise).
+        evaluate_fn: ``fn(student, eval_loader, device) -> {"accuracy", "loss", ...}``, each
+            metric logged as ``test_<name>``; default :func:`evaluate` (classification).
+            :func:`kdistill.lm.batches.evaluate_lm` scores language models per token.
+
+    Targets may be class ids ``(B,)`` for logits ``(B, C)`` or token ids ``(B, T)`` for logits
+    ``(B, T, V)`` (already aligned with them); ``train_accuracy`` and the weights of the epoch
+    means count the targets that are not :data:`IGNORE_INDEX`.
     """
 
     def __init__(
@@ -315,6 +342,7 @@ class Trainer:
         skip_nonfinite: int = 0,
         amp: Literal["none", "bf16", "fp16"] = "none",
         tensorboard: bool = True,
+        evaluate_fn: Callable[..., Mapping[str, float]] | None = None,
     ) -> None:
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
@@ -336,6 +364,7 @@ class Trainer:
         self.skip_nonfinite = skip_nonfinite
         self.amp = amp
         self.tensorboard = tensorboard
+        self.evaluate_fn = evaluate_fn if evaluate_fn is not None else evaluate
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, epochs, len(train_loader))  # type: ignore[arg-type]
@@ -385,7 +414,7 @@ class Trainer:
                 writer.close()
         student_path = self.output_dir / "student.safetensors"
         if distributed.is_main():
-            save_weights(student_path, self.distiller.student.state_dict())
+            save_weights(student_path, untie_shared_tensors(self.distiller.student.state_dict()))
         distributed.barrier()  # no rank returns before the weights are written
         return FitResult(self.history, self.output_dir, student_path)
 
@@ -395,12 +424,11 @@ class Trainer:
             if self._partial is not None and self._partial.epoch == epoch:
                 began -= self._partial.elapsed_s
             train_metrics = self.train_epoch(epoch)
-            eval_metrics = evaluate(self.distiller.student, self.eval_loader, self.device)
+            eval_metrics = self.evaluate_fn(self.distiller.student, self.eval_loader, self.device)
             row = {
                 "epoch": epoch + 1,
                 **train_metrics,
-                "test_accuracy": eval_metrics["accuracy"],
-                "test_loss": eval_metrics["loss"],
+                **{f"test_{k}": v for k, v in eval_metrics.items()},
                 "epoch_time_s": time.perf_counter() - began,
             }
             self.history.append(row)
@@ -455,14 +483,15 @@ class Trainer:
             global_step = epoch * steps + step  # 0-based, like ``step``
             self._pending_steps.append((epoch, step, global_step, out["loss"].detach(), applied))
             if applied:
-                n = x.shape[0]
+                counted = None if y is None else y != IGNORE_INDEX  # (B,) or (B, T)
+                n = _batch_size(x) if counted is None else int(counted.sum())
                 seen += n
                 for key, value in out.items():
                     if key.endswith("_loss"):
                         sums[key] = sums.get(key, 0.0) + value * n
                 sums["loss"] = sums.get("loss", 0.0) + out["loss"].detach() * n
-                if y is not None:
-                    correct += (out["logits"].argmax(-1) == y).sum()
+                if counted is not None:
+                    correct += ((out["logits"].argmax(-1) == y) & counted).sum()
             else:
                 skipped += 1
             if self.progress and step % 20 == 0 and seen:

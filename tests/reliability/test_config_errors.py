@@ -59,8 +59,8 @@ TWO_STAGES = [{"name": "hint"}, {"name": "kd"}]
         (
             {"stages": [TWO_STAGES[0], {"name": "kd", "distill": {"temprature": 8}}]},
             "stages[1].distill.temprature: unknown key in stages[1].distill; allowed keys: "
-            "temperature, alpha, label_smoothing, cache_teacher, cache_dtype, terms "
-            "(did you mean 'stages[1].distill.temperature'?)",
+            "temperature, alpha, label_smoothing, cache_teacher, cache_dtype, cache_dir, "
+            "cache_rebuild, terms (did you mean 'stages[1].distill.temperature'?)",
         ),
         (
             {"stages": [{"name": "a", "optim": {"nme": "sgd"}}]},

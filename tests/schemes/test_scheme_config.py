@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from kdistill.cli import main as kdistill_main
-from kdistill.config import ConfigError
+from kdistill.config import ConfigError, load_config
 from kdistill.data.fashion_mnist import DatasetNotFoundError, find_fashion_mnist
 from kdistill.schemes.__main__ import main
 from kdistill.schemes.config import (
@@ -21,6 +21,8 @@ from kdistill.schemes.config import (
 from kdistill.schemes.runner import run_scheme
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "schemes"
+BASELINE = EXAMPLES / "baseline.yaml"  # a plain experiment: what the schemes are compared with
+SCHEME_FILES = sorted(p for p in EXAMPLES.glob("*.yaml") if p != BASELINE)
 TINY = [
     "data.train_subset=64",
     "data.test_subset=32",
@@ -42,9 +44,8 @@ PER_SCHEME = {
 
 
 def test_every_scheme_has_an_example_and_each_example_parses() -> None:
-    files = sorted(EXAMPLES.glob("*.yaml"))
     names = set()
-    for path in files:
+    for path in SCHEME_FILES:
         assert has_scheme(path)
         _cfg, scheme = load_scheme_config(path)
         names.add(scheme.name)
@@ -75,6 +76,7 @@ def test_scheme_section_is_validated_with_helpful_messages() -> None:
         ({"name": "mutual", "mutual": {}}, "scheme.mutual.peers"),
         ({"name": "dino", "dino": {"views": 1}}, "scheme.dino.views"),
         ({"name": "mean_teacher", "mean_teacher": {"labelled_fraction": 0}}, "labelled_fraction"),
+        ({"name": "mean_teacher", "mean_teacher": {"labelled_share": 1.0}}, "labelled_share"),
         (
             {"name": "multi_teacher", "multi_teacher": {"teachers": [{}], "weights": [1, 2]}},
             "weights",
@@ -102,7 +104,7 @@ def _have_data() -> bool:
 
 
 @pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not installed")
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SCHEME_FILES, ids=lambda p: p.stem)
 def test_example_runs_on_a_tiny_subset(path: Path, tmp_path: Path) -> None:
     cfg, scheme = load_scheme_config(path)
     overrides = [*TINY, f"output_dir={tmp_path}", *PER_SCHEME.get(scheme.name, [])]
@@ -126,9 +128,25 @@ def test_example_runs_on_a_tiny_subset(path: Path, tmp_path: Path) -> None:
         assert len(summary["teacher"]["teachers"]) == 3
     if scheme.name == "dino":
         assert set(summary["knn"]) >= {"student", "ema_teacher", "random_init"}
+    if scheme.name == "mean_teacher":  # 3 of 64 labelled, each 7 times (labelled_share 0.25)
+        assert summary["labelled_samples"] == 3 and summary["epoch_samples"] == 64 + 6 * 3
     if scheme.name == "born_again":
         assert result.fit is None
         assert summary["generations"][1]["teacher"] == summary["generations"][0]["weights"]
+
+
+@pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not installed")
+def test_baseline_example_is_a_plain_experiment_of_the_same_student(tmp_path: Path) -> None:
+    assert not has_scheme(BASELINE)
+    cfg = load_config(BASELINE)
+    dml, _ = load_scheme_config(EXAMPLES / "dml.yaml")
+    assert cfg.teacher is None and cfg.student == dml.student and cfg.optim == dml.optim
+    args = ["run", str(BASELINE), "--set", f"output_dir={tmp_path}"]
+    for item in TINY:
+        args += ["--set", item]
+    assert kdistill_main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["teacher"] is None and 0.0 <= summary["student"]["test_accuracy"] <= 1.0
 
 
 @pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not installed")

@@ -14,6 +14,7 @@ from kdistill.schemes import (
     fill_pseudo_labels,
     hide_labels,
     labelled_split,
+    oversample_labelled,
     pseudo_label,
     semi_supervised_terms,
 )
@@ -80,6 +81,31 @@ def test_labelled_split_is_stratified_disjoint_and_the_train_subset_draw() -> No
     hidden = hide_labels(labels, labelled)
     assert torch.equal(hidden[labelled], labels[labelled])
     assert torch.all(hidden[unlabelled] == -1)
+
+
+def test_oversampling_repeats_labelled_rows_to_the_asked_share() -> None:
+    labels = torch.full((1000,), -1)
+    labels[torch.tensor([3, 50, 700, 999, 10])] = torch.tensor([1, 2, 3, 4, 0])
+    index = oversample_labelled(labels, 0.25)
+    # 995 unlabelled rows; r = round(0.25 * 995 / (0.75 * 5)) = round(66.33) = 66 copies each
+    assert index.shape == (1000 + 65 * 5,)
+    assert torch.equal(index[:1000], torch.arange(1000))  # every row once, in order
+    counts = torch.bincount(index, minlength=1000)
+    labelled = labels != -1
+    assert torch.all(counts[labelled] == 66) and torch.all(counts[~labelled] == 1)
+    share = (labels[index] != -1).float().mean().item()
+    assert share == pytest.approx(330 / 1325) and abs(share - 0.25) < 0.01
+
+
+def test_oversampling_never_drops_rows_and_refuses_bad_input() -> None:
+    labels = torch.arange(10).repeat_interleave(10)  # all labelled: nothing to add
+    assert torch.equal(oversample_labelled(labels, 0.5), torch.arange(100))
+    labels[:90] = -1  # natural share 0.1 > 0.05 asked: every row once
+    assert torch.equal(oversample_labelled(labels, 0.05), torch.arange(100))
+    with pytest.raises(ValueError, match="share"):
+        oversample_labelled(labels, 1.0)
+    with pytest.raises(ValueError, match="no labelled rows"):
+        oversample_labelled(torch.full((5,), -1), 0.5)
 
 
 def test_pseudo_labels_keep_only_confident_predictions() -> None:

@@ -50,6 +50,7 @@ from kdistill.schemes.unlabelled import (
     hide_labels,
     labelled_split,
     masked_cross_entropy,
+    oversample_labelled,
     pseudo_label,
     semi_supervised_terms,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "masked_cross_entropy",
     "momentum_at",
     "normalise_weights",
+    "oversample_labelled",
     "pseudo_label",
     "random_resized_crop",
     "semi_supervised_terms",

@@ -121,6 +121,7 @@ class MeanTeacherConfig:
     """Mean Teacher; ``labelled_fraction`` < 1 hides the other labels (stratified draw)."""
 
     labelled_fraction: float = 1.0
+    labelled_share: float | None = None  # oversample labelled rows to ~this share of a batch
     momentum: float = 0.99
     final_momentum: float = 0.999
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -133,6 +134,11 @@ class MeanTeacherConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.labelled_fraction <= 1.0:
             raise ConfigError(f"labelled_fraction: must be in (0, 1], got {self.labelled_fraction}")
+        if self.labelled_share is not None and not 0.0 < self.labelled_share < 1.0:
+            raise ConfigError(
+                f"labelled_share: must be in (0, 1) or null (no oversampling), "
+                f"got {self.labelled_share}"
+            )
         _check_unit(self, "momentum", "final_momentum")
         _check_positive(self, "temperature")
         if self.consistency_weight < 0 or self.ramp_up_epochs < 0:

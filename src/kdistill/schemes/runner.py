@@ -54,6 +54,7 @@ from kdistill.schemes.unlabelled import (
     fill_pseudo_labels,
     hide_labels,
     labelled_split,
+    oversample_labelled,
     pseudo_label,
     semi_supervised_terms,
 )
@@ -331,6 +332,10 @@ def _build_mean_teacher(ctx: _Context) -> _Built:
     if s.labelled_fraction < 1.0:
         labelled, _ = labelled_split(y, s.labelled_fraction, cfg.seed)
         target = hide_labels(y, labelled)
+    labelled_samples = int((target != UNLABELLED).sum())
+    if s.labelled_share is not None:
+        epoch = oversample_labelled(target, s.labelled_share)
+        x, target = x[epoch], target[epoch]
     student = _student(cfg)
     scheme = MeanTeacher(
         student,
@@ -351,7 +356,8 @@ def _build_mean_teacher(ctx: _Context) -> _Built:
             Path(cfg.output_dir) / "ema_teacher.safetensors", scheme.teacher.model.state_dict()
         )
         return {
-            "labelled_samples": int((target != UNLABELLED).sum()),
+            "labelled_samples": labelled_samples,
+            "epoch_samples": int(x.shape[0]),  # labelled rows repeated with labelled_share
             "ema_teacher": {
                 "test_accuracy": _accuracy(scheme.teacher.model, ctx),
                 "weights": str(path),

@@ -98,6 +98,40 @@ def labelled_split(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tens
     return labelled, torch.nonzero(keep).flatten()
 
 
+def oversample_labelled(labels: Tensor, share: float, ignore_index: int = UNLABELLED) -> Tensor:
+    """Row indices of an epoch in which labelled rows make up about ``share`` of the samples.
+
+    Mean Teacher (Tarvainen & Valpola, 2017) fills a fixed part of every mini-batch with
+    labelled samples (the official code's ``labeled_batch_size`` / ``TwoStreamBatchSampler``).
+    With plain shuffling and 5 % of the labels, a labelled image comes round once per epoch
+    and a batch of 128 holds about 6 of them. Here every unlabelled row appears once and every
+    labelled row ``r`` times,
+
+        r = max(1, round(share · n_unlabelled / ((1 − share) · n_labelled))),
+
+    so shuffled batches hold about ``share`` labelled rows. Rows are never dropped: a
+    ``share`` below the labels' natural share gives ``r = 1`` (every row once).
+
+    Args:
+        labels: ``(N,)`` with ``ignore_index`` marking the unlabelled rows.
+        share: wanted fraction of labelled rows per epoch, in ``(0, 1)``.
+
+    Returns:
+        ``(N + (r − 1) · n_labelled,)`` long indices into ``labels``: ``0..N-1`` followed by
+        the labelled rows ``r − 1`` more times.
+    """
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"share of labelled rows must be in (0, 1), got {share}")
+    labelled = torch.nonzero(labels != ignore_index).flatten()
+    n_labelled = labelled.numel()
+    if n_labelled == 0:
+        raise ValueError("no labelled rows to oversample (every label is the ignore_index)")
+    n_unlabelled = labels.shape[0] - n_labelled
+    repeats = max(1, round(share * n_unlabelled / ((1.0 - share) * n_labelled)))
+    every = torch.arange(labels.shape[0])
+    return torch.cat([every, labelled.repeat(repeats - 1)])
+
+
 def hide_labels(labels: Tensor, labelled: Tensor, ignore_index: int = UNLABELLED) -> Tensor:
     """A copy of ``labels`` with every row outside ``labelled`` set to ``ignore_index``."""
     hidden = torch.full_like(labels, ignore_index)

@@ -1,0 +1,276 @@
+"""Typed configuration of a language-model distillation run (``kdistill lm CONFIG.yaml``).
+
+YAML is mapped onto these dataclasses by the same validator as vision runs
+(:mod:`kdistill.config`): an unknown or ill-typed key stops the run with one line naming
+the dotted key, e.g. ``distill.divergence: 'jsdd' is not allowed; choose one of: …``.
+``optim`` and ``train`` are the vision sections (:class:`~kdistill.config.OptimConfig`,
+:class:`~kdistill.config.TrainConfig`). ``alpha`` means what it means everywhere in
+kdistill: the weight of the soft (teacher) term, ``1 − alpha`` on the hard-label
+cross-entropy.
+
+Objectives (``distill.objective``):
+
+* ``token_kd`` — causal LM on the text: ``alpha · D(p_t ‖ q_s) + (1 − alpha) · CE``, ``D``
+  any :data:`~kdistill.lm.divergences.KINDS` divergence per token (``alpha = 0`` is the
+  no-KD baseline from the same init).
+* ``seqkd`` — sequence-level KD (Kim & Rush 2016): the teacher decodes a completion for
+  the first ``data.prompt_tokens`` tokens of every training text (``seqkd`` section), and
+  the student trains on prompt + completion with ``(1 − alpha) · CE + alpha · D`` on the
+  completion tokens (``alpha = 0``: pure sequence-level KD).
+* ``gkd`` — GKD (Agarwal et al. 2024): prompt + the text's own continuation (or the
+  teacher's, ``seqkd.teacher_completions``), replaced with probability ``seqkd.lam`` by
+  the student's samples; the loss is ``D`` alone on completion tokens (``alpha`` unused;
+  use ``divergence: jsd`` and ``beta`` for GKD's generalised JSD).
+* ``distilbert`` — DistilBERT's triple loss on masked-LM batches (``weights``,
+  ``temperature``, ``restrict_to_masked``, ``mlm_probability``); for BERT-like models
+  with an MLM head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kdistill.config import (
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    _build,
+    _check_non_negative,
+    _check_optional_positive,
+    _check_positive,
+    read_config_file,
+)
+
+__all__ = [
+    "CORPORA",
+    "LMDataConfig",
+    "LMDistillConfig",
+    "LMExperimentConfig",
+    "LMModelConfig",
+    "SeqKDConfig",
+    "lm_config_from_dict",
+    "load_lm_config",
+]
+
+CORPORA = ("pydoc_topics", "kjv", "wordnet", "fortunes")
+"""Built-in text sources (:mod:`kdistill.data.text`) for ``data.corpus``."""
+
+
+@dataclass
+class LMModelConfig:
+    """A Hugging Face model: a local folder (``path``) or a random one built from ``config``.
+
+    Exactly one of ``path`` / ``config`` is given (the student may instead use
+    ``init_from_teacher``). ``path`` is loaded with ``from_pretrained`` offline
+    (``HF_HUB_OFFLINE=1``); ``config`` holds keyword arguments of ``LlamaConfig``
+    (``arch: llama``, a causal LM) or ``BertConfig`` (``arch: bert``, a masked LM), e.g.
+    ``{hidden_size: 32, num_hidden_layers: 2, ...}``; ``vocab_size`` defaults to the
+    tokenizer's. With ``init_from_teacher: true`` the student is the teacher's class and
+    width with ``num_layers`` of its layers (``layer_map``, default every other layer),
+    copied DistilBERT-style (:func:`kdistill.lm.student_init.init_student_from_teacher`).
+    """
+
+    path: str | None = None
+    arch: Literal["llama", "bert"] = "llama"
+    config: dict[str, Any] = field(default_factory=dict)
+    init_from_teacher: bool = False
+    num_layers: int | None = None
+    layer_map: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        sources = [
+            name
+            for name, given in (
+                ("path", self.path is not None),
+                ("config", bool(self.config)),
+                ("init_from_teacher", self.init_from_teacher),
+            )
+            if given
+        ]
+        if len(sources) > 1:
+            raise ConfigError(
+                f"{sources[0]}: give only one of path, config, init_from_teacher (got "
+                f"{', '.join(sources)})"
+            )
+        if not sources:
+            raise ConfigError(
+                "path: give a model folder (path), a random model's settings (config: "
+                "{hidden_size: ..., num_hidden_layers: ...}) or init_from_teacher: true"
+            )
+        _check_optional_positive(self, "num_layers")
+        if (
+            self.num_layers is not None or self.layer_map is not None
+        ) and not self.init_from_teacher:
+            raise ConfigError("num_layers: num_layers / layer_map need init_from_teacher: true")
+
+
+@dataclass
+class LMDataConfig:
+    """Where the text comes from, how it is tokenised and batched.
+
+    One of ``text_file`` (UTF-8; one example per non-empty line, or per blank-line
+    separated paragraph with ``split: paragraphs``) or ``corpus`` (a built-in source,
+    :data:`CORPORA`). ``tokenizer``: ``byte`` (UTF-8 bytes, 260 ids, nothing to
+    download) or a tokenizer folder; default the teacher's ``path`` if it has one, else
+    ``byte``. Texts are tokenised, truncated to ``max_length`` tokens, shuffled with the
+    run's seed and split into ``1 − eval_fraction`` / ``eval_fraction``.
+    ``prompt_tokens``: the prompt length for ``seqkd`` / ``gkd``.
+    """
+
+    text_file: str | None = None
+    corpus: Literal["pydoc_topics", "kjv", "wordnet", "fortunes"] | None = None
+    root: str | None = None  # folder for the wordnet / fortunes / kjv loaders
+    split: Literal["lines", "paragraphs"] = "lines"
+    tokenizer: str | None = None
+    max_length: int = 64
+    min_tokens: int = 4  # shorter texts are dropped
+    max_examples: int | None = None
+    eval_fraction: float = 0.1
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    prompt_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if (self.text_file is None) == (self.corpus is None):
+            raise ConfigError(
+                "text_file: give exactly one of text_file (a UTF-8 file) or corpus "
+                f"({', '.join(CORPORA)})"
+            )
+        _check_positive(self, "batch_size", "eval_batch_size", "prompt_tokens")
+        _check_optional_positive(self, "max_examples")
+        _check_non_negative(self, "min_tokens")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length: must be >= 2, got {self.max_length}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class SeqKDConfig:
+    """Decoding of teacher targets (``seqkd``) and of the student's samples (``gkd``)."""
+
+    strategy: Literal["greedy", "beam", "sample"] = "greedy"
+    max_new_tokens: int = 32
+    num_beams: int = 4
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generate_batch_size: int = 16
+    lam: float = 0.5  # gkd: probability that a batch's completions are the student's samples
+    student_temperature: float = 1.0  # gkd: sampling temperature of the student
+    teacher_completions: bool = False  # gkd: off-policy completions from the teacher, not the text
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            self, "max_new_tokens", "temperature", "generate_batch_size", "student_temperature"
+        )
+        _check_non_negative(self, "top_k")
+        if self.strategy == "beam" and self.num_beams < 2:
+            raise ConfigError(f"num_beams: beam search needs >= 2, got {self.num_beams}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"lam: the on-policy fraction must be in [0, 1], got {self.lam}")
+
+
+@dataclass
+class LMDistillConfig:
+    """The objective and its hyper-parameters (see the module docstring)."""
+
+    objective: Literal["token_kd", "seqkd", "gkd", "distilbert"] = "token_kd"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"] = (
+        "forward_kl"
+    )
+    beta: float = 0.5  # jsd: m = beta·p_teacher + (1 − beta)·q_student
+    skew_alpha: float = 0.1  # skew_kl / skew_reverse_kl
+    temperature: float | None = (
+        None  # null: 1 (token objectives, no T²); distilbert 2 (T² included)
+    )
+    chunk_size: int | None = None  # tokens per chunk of the divergence; null: automatic
+    alpha: float = 0.5  # weight of the soft (teacher) term; 1 − alpha on cross-entropy
+    weights: dict[str, float] = field(default_factory=dict)  # distilbert: kd / mlm / cos
+    restrict_to_masked: bool = False  # distilbert: KD on masked positions only
+    mlm_probability: float = 0.15  # distilbert
+    student_layer: str | None = None  # distilbert cosine term; null: the last block
+    teacher_layer: str | None = None
+
+    @property
+    def resolved_temperature(self) -> float:
+        """``temperature``, or the objective's default: 2 for distilbert (its reference), else 1."""
+        if self.temperature is not None:
+            return self.temperature
+        return 2.0 if self.objective == "distilbert" else 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"beta: must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ConfigError(f"skew_alpha: must be in [0, 1), got {self.skew_alpha}")
+        _check_optional_positive(self, "temperature", "chunk_size")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(
+                f"alpha: must be in [0, 1] (weight of the soft term), got {self.alpha}"
+            )
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"mlm_probability: must be in (0, 1), got {self.mlm_probability}")
+        unknown = sorted(set(self.weights) - {"kd", "mlm", "cos"})
+        if unknown:
+            raise ConfigError(f"weights: unknown keys {unknown}; allowed: kd, mlm, cos")
+        for key, value in self.weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"weights.{key}: must be a number >= 0, got {value!r}")
+
+
+@dataclass
+class LMExperimentConfig:
+    """A whole LM run: data, teacher, student, objective, decoding, optimizer, loop."""
+
+    seed: int = 0
+    output_dir: str = "runs/lm"
+    data: LMDataConfig = field(default_factory=lambda: LMDataConfig(corpus="pydoc_topics"))
+    teacher: LMModelConfig | None = None
+    student: LMModelConfig = field(default_factory=lambda: LMModelConfig(init_from_teacher=True))
+    distill: LMDistillConfig = field(default_factory=LMDistillConfig)
+    seqkd: SeqKDConfig = field(default_factory=SeqKDConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.01, schedule="cosine")
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1))
+
+    def __post_init__(self) -> None:
+        objective = self.distill.objective
+        uses_teacher = objective != "token_kd" or self.distill.alpha > 0
+        if self.teacher is None and (uses_teacher or self.student.init_from_teacher):
+            why = "student.init_from_teacher" if self.student.init_from_teacher else objective
+            raise ConfigError(f"teacher: {why} needs a teacher; add a teacher section")
+        if self.teacher is not None and self.teacher.init_from_teacher:
+            raise ConfigError(
+                "teacher.init_from_teacher: only the student can be built from the teacher"
+            )
+        # Random models only (a path's architecture is checked when it is loaded).
+        archs = {m.arch for m in (self.teacher, self.student) if m is not None and m.config}
+        if objective == "distilbert" and "llama" in archs:
+            raise ConfigError("distill.objective: distilbert needs masked-LM models (arch: bert)")
+        if objective != "distilbert" and "bert" in archs:
+            raise ConfigError(
+                f"distill.objective: {objective} needs causal LMs (arch: llama); "
+                "use objective: distilbert for arch: bert"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def lm_config_from_dict(data: dict[str, Any]) -> LMExperimentConfig:
+    """Build an :class:`LMExperimentConfig` from plain data, validating every key."""
+    return _build(LMExperimentConfig, data, "")
+
+
+def load_lm_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> LMExperimentConfig:
+    """Read a YAML file, apply ``key.sub=value`` overrides (``--set``) and validate."""
+    return lm_config_from_dict(read_config_file(path, overrides))
