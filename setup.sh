@@ -18,6 +18,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+# Real text for the LM loaders' tests (WordNet glosses, fortunes, the King James Bible); small
+# and optional: the tests that need them skip when they are missing.
+if command -v apt-get >/dev/null 2>&1 && { [ ! -d /usr/share/wordnet ] || [ ! -d /usr/share/games/fortunes ] || ! command -v bible >/dev/null 2>&1; }; then
+  SUDO=""
+  if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+  $SUDO apt-get install -y -q wordnet-base fortunes bible-kjv >/dev/null 2>&1 \
+    || echo "setup.sh: could not install wordnet-base fortunes bible-kjv (optional)" >&2
+fi
+
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
