@@ -14,7 +14,8 @@ Layouts (``manifest["layout"]``):
   (:func:`kdistill.experiment.cache_teacher_outputs`) holds, so training from either gives
   bit-identical students.
 * ``"topk"`` — for large vocabularies (LM tokens), per token: the ``k`` largest teacher
-  log-probabilities ``topk_values`` ``(N, T, k)`` (float16 or bfloat16), their token ids
+  log-probabilities ``topk_values`` ``(N, T, k)`` (float16 or bfloat16; float32 for an
+  exact cache), their token ids
   ``topk_indices`` ``(N, T, k)`` (int16 when ``V ≤ 32,768``, uint16 when ``V ≤ 65,536``,
   else int32) and ``rest_log_mass`` ``(N, T)`` (float32), the log of the probability mass on
   the ``V − k`` other ids, computed exactly as ``logsumexp`` of the teacher's other
@@ -588,7 +589,8 @@ def build_cache(
         batch_size: rows per teacher forward.
         map_dtype: dtype of cached feature maps (tensors of more than 2 dims) in the dense
             layout; logits and vectors are float32 (as in the in-memory cache).
-        values_dtype: ``torch.float16`` or ``torch.bfloat16`` for top-k log-probabilities.
+        values_dtype: ``torch.float16`` or ``torch.bfloat16`` for top-k log-probabilities
+            (``torch.float32``: twice the bytes, no rounding — exact with ``k = V``).
         shard_bytes: target size of one shard (all tensors together).
 
     Returns:
@@ -598,9 +600,10 @@ def build_cache(
     layout = _layout_of(keys, k)
     if inputs.shape[0] == 0:
         raise ValueError("build_cache got no inputs (0 rows); nothing to cache")
-    if values_dtype not in (torch.float16, torch.bfloat16):
+    if values_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
-            f"values_dtype must be torch.float16 or torch.bfloat16, got {values_dtype}"
+            f"values_dtype must be torch.float16, torch.bfloat16 or torch.float32, got "
+            f"{values_dtype}"
         )
     identity = teacher_identity(teacher)
     fingerprint = data_fingerprint(inputs, data_name, transform, attention_mask)

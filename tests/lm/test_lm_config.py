@@ -63,11 +63,29 @@ def test_defaults_are_a_valid_config() -> None:
         ({"student": {"config": TINY, "num_layers": 2}}, "student.num_layers: .*init_from_teacher"),
         ({"teacher": None}, "teacher: student.init_from_teacher needs a teacher"),
         ({"optim": {"lr": 0}}, "optim.lr: must be > 0"),
+        ({"distill": {"cache_topk": 0}}, "distill.cache_topk: must be > 0"),
+        ({"distill": {"cache_dtype": "int8"}}, "distill.cache_dtype: 'int8' is not allowed"),
+        (
+            {"distill": {"cache_dir": "c", "objective": "seqkd"}},
+            "distill.cache_dir: .*token_kd only, not seqkd",
+        ),
+        (
+            {"distill": {"cache_dir": "c", "alpha": 0.0}},
+            "distill.cache_dir: alpha: 0 trains without the teacher",
+        ),
     ],
 )
 def test_bad_values_name_the_dotted_key(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         lm_config_from_dict(_config(**override))
+
+
+def test_teacher_cache_keys_mirror_the_vision_config() -> None:
+    cfg = lm_config_from_dict(_config(distill={"cache_dir": "runs/cache", "cache_topk": 8}))
+    d = cfg.distill
+    assert (d.cache_dir, d.cache_topk) == ("runs/cache", 8)
+    assert (d.cache_dtype, d.cache_rebuild) == ("float16", False)
+    assert lm_config_from_dict(_config()).distill.cache_dir is None  # live teacher by default
 
 
 def test_objective_and_architecture_must_agree() -> None:

@@ -117,3 +117,17 @@ def test_alpha_zero_is_the_teacher_free_baseline(tmp_path: Path) -> None:
     run = build_lm_run(cfg)
     assert run.distiller.teacher is None
     assert [t.name for t in run.distiller.terms] == ["ce"]
+
+
+def test_cli_runs_the_cached_token_kd_example(tmp_path: Path, capsys) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["lm", str(EXAMPLES / "tiny_token_kd_cached.yaml")]
+    for item in _overrides(out, "train.epochs=1", f"distill.cache_dir={cache}"):
+        args += ["--set", item]
+    assert main(args) == 0
+    assert "held-out perplexity" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_cache"]["built"] and summary["teacher_cache"]["k"] == 64
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["layout"] == "topk" and manifest["k"] == 64
+    assert summary["student"]["final"]["loss"] < summary["student"]["initial"]["loss"]

@@ -24,6 +24,19 @@ Objectives (``distill.objective``):
 * ``distilbert`` — DistilBERT's triple loss on masked-LM batches (``weights``,
   ``temperature``, ``restrict_to_masked``, ``mlm_probability``); for BERT-like models
   with an MLM head.
+
+Teacher-output cache (``token_kd`` only): with ``distill.cache_dir`` the teacher runs once
+over the training texts and its ``cache_topk`` largest log-probabilities per token (plus the
+log of the mass on every other id) are written there in ``cache_dtype``
+(:mod:`kdistill.cache`, top-k layout); training then reads them instead of running the
+teacher, and the KD term is :func:`kdistill.cache.topk_divergence` (exactly the live
+divergence when ``cache_topk`` is the vocabulary size and ``cache_dtype: float32``;
+``chunk_size`` does not apply to it). A cache built from another teacher or other texts, or
+with another ``cache_topk``, is refused unless ``cache_rebuild: true``.
+
+Several processes: under ``torchrun --nproc_per_node N -m kdistill lm ...`` a ``token_kd``
+run trains with DDP (each rank a contiguous 1/N of every global batch of ``data.batch_size``
+texts, which must divide by N; the frozen teacher unwrapped; rank 0 writes the run folder).
 """
 
 from __future__ import annotations
@@ -196,6 +209,12 @@ class LMDistillConfig:
     mlm_probability: float = 0.15  # distilbert
     student_layer: str | None = None  # distilbert cosine term; null: the last block
     teacher_layer: str | None = None
+    # token_kd: read the teacher's top-k log-probabilities from this on-disk cache (built on
+    # the first run) instead of running the teacher every step; see the module docstring.
+    cache_dir: str | None = None
+    cache_topk: int = 64  # teacher log-probabilities kept per token (the vocabulary: exact)
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # of the cached values
+    cache_rebuild: bool = False  # rebuild the cache_dir cache even if one is there
 
     @property
     def resolved_temperature(self) -> float:
@@ -210,6 +229,18 @@ class LMDistillConfig:
         if not 0.0 <= self.skew_alpha < 1.0:
             raise ConfigError(f"skew_alpha: must be in [0, 1), got {self.skew_alpha}")
         _check_optional_positive(self, "temperature", "chunk_size")
+        _check_positive(self, "cache_topk")
+        if self.cache_dir is not None and self.objective != "token_kd":
+            raise ConfigError(
+                f"cache_dir: the teacher-output cache supports objective token_kd only, not "
+                f"{self.objective} (seqkd, gkd and distilbert need the live teacher); remove "
+                "cache_dir"
+            )
+        if self.cache_dir is not None and self.alpha == 0:
+            raise ConfigError(
+                "cache_dir: alpha: 0 trains without the teacher, so there is nothing to cache; "
+                "remove cache_dir or set alpha > 0"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(
                 f"alpha: must be in [0, 1] (weight of the soft term), got {self.alpha}"

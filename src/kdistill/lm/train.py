@@ -14,6 +14,15 @@ student per-token accuracy, cross-entropy and perplexity on the held-out texts, 
 counts, timings) and, for ``seqkd``, ``seqkd_examples.jsonl`` (the teacher's targets,
 reused on ``--resume``).
 
+``token_kd`` runs may read the teacher from an on-disk top-k cache (``distill.cache_dir``,
+:func:`_teacher_topk_cache`, :class:`TopKTokenKDLoss`) and may run under ``torchrun`` with
+DDP (the :class:`~kdistill.trainer.Trainer` wraps the student; :class:`RankShareLoader`
+splits every global batch; :class:`_GlobalTokenMean` keeps the loss the global token mean).
+FSDP is not wired into this path: the shared Trainer always wraps the student in DDP and
+saves ``student.state_dict()`` on rank 0, which an FSDP-sharded student would need replaced
+by :func:`kdistill.distributed.full_state_dict` on every rank; shard a student by hand with
+:func:`kdistill.distributed.shard_student` and :func:`kdistill.distributed.lm_distill_step`.
+
 Python::
 
     from kdistill.lm.config import load_lm_config
@@ -34,18 +43,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from kdistill import distributed
+from kdistill.cache import (
+    REST_LOG_MASS,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    CacheError,
+    TeacherCache,
+    load_or_build,
+    topk_divergence,
+)
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import ConfigError
 from kdistill.distiller import Distiller, LossTerm
 from kdistill.lm.batches import (
+    IGNORE_INDEX,
     ByteTokenizer,
     CausalLMCollator,
     ExampleLoader,
     TokenCrossEntropy,
     TokenKDLoss,
     evaluate_lm,
+    pad_right,
 )
 from kdistill.lm.config import LMDataConfig, LMExperimentConfig, LMModelConfig
 from kdistill.lm.distilbert import (
@@ -55,9 +76,26 @@ from kdistill.lm.distilbert import (
     last_layer_name,
 )
 from kdistill.lm.seqkd import GenerationSettings, OnPolicyLoader, build_seqkd_examples
-from kdistill.trainer import FitResult, Trainer, resolve_device, seed_everything
+from kdistill.trainer import (
+    TEACHER_PREFIX,
+    FitResult,
+    Trainer,
+    resolve_device,
+    seed_everything,
+)
 
-__all__ = ["LMResult", "LMRun", "build_lm_run", "load_texts", "run_lm"]
+__all__ = [
+    "TOPK",
+    "LMResult",
+    "LMRun",
+    "RankShareLoader",
+    "TopKTokenKDLoss",
+    "build_lm_run",
+    "load_texts",
+    "pack_topk",
+    "run_lm",
+    "unpack_topk",
+]
 
 
 # --------------------------------------------------------------------------- text
@@ -262,11 +300,232 @@ def _token_kd(cfg: LMExperimentConfig) -> TokenKDLoss:
     )
 
 
+# --------------------------------------------------------------------------- top-k teacher cache
+
+TOPK = "topk"
+"""Batch key (``teacher.topk``) and term reference of a packed cached top-k teacher."""
+
+_EXACT_FLOAT32_IDS = 1 << 24  # every integer up to 2^24 is exact in float32
+
+
+def pack_topk(values: Tensor, indices: Tensor, rest_log_mass: Tensor) -> Tensor:
+    """One float32 tensor ``(..., 2k + 1)``: ``[values | indices | rest_log_mass]``.
+
+    A :class:`~kdistill.distiller.Distiller` term compares the student with *one* teacher
+    tensor, so a cached top-k teacher (:mod:`kdistill.cache`) travels as one. Lossless:
+    16-bit values widen exactly, token ids below ``2^24`` are exact in float32.
+
+    Args:
+        values: ``(..., k)`` teacher log-probabilities (float16 / bfloat16 / float32).
+        indices: ``(..., k)`` their token ids (any integer dtype).
+        rest_log_mass: ``(...)`` log of the teacher's mass on the other ids.
+    """
+    if indices.numel() and int(indices.max()) >= _EXACT_FLOAT32_IDS:
+        raise ValueError("token ids >= 2^24 cannot be packed exactly in float32")
+    return torch.cat([values.float(), indices.float(), rest_log_mass.float().unsqueeze(-1)], dim=-1)
+
+
+def unpack_topk(packed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`pack_topk`: ``values (..., k)``, ``indices (..., k)`` int64, ``rest (...)``."""
+    k, odd = divmod(packed.shape[-1] - 1, 2)
+    if odd or k < 1:
+        raise ValueError(f"a packed top-k teacher has 2k + 1 columns, got {packed.shape[-1]}")
+    return packed[..., :k], packed[..., k : 2 * k].long(), packed[..., 2 * k]
+
+
+class TopKTokenKDLoss(nn.Module):
+    """Token-level KD against a cached top-k teacher (:func:`kdistill.cache.topk_divergence`).
+
+    ``forward(student_logits (B, T, V), packed (B, T', 2k + 1), labels (B, T), mask)``, the
+    packed teacher from :func:`pack_topk` with ``T' ≥ T`` (cached rows are padded to the
+    longest training text; positions past ``T`` are padding of this batch and dropped).
+    Same conventions as :class:`~kdistill.lm.batches.TokenKDLoss` — mean over the tokens
+    whose label is not ignored, no ``T²`` — and with ``k = V`` the same value.
+    """
+
+    requires_target = True
+    requires_mask = True
+
+    def __init__(
+        self,
+        kind: str = "forward_kl",
+        *,
+        beta: float = 0.5,
+        skew_alpha: float = 0.1,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.kind, self.beta, self.skew_alpha = kind, beta, skew_alpha
+        self.temperature = temperature
+
+    def forward(
+        self, student_logits: Tensor, packed: Tensor, labels: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        values, indices, rest = unpack_topk(packed[:, : student_logits.shape[1]])
+        return topk_divergence(
+            student_logits,
+            values,
+            indices,
+            rest,
+            self.kind,
+            temperature=self.temperature,
+            beta=self.beta,
+            skew_alpha=self.skew_alpha,
+            labels=labels,
+            mask=None if mask is None else mask.bool(),
+        )
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, temperature={self.temperature}"
+
+
+@dataclass
+class _TopKCollator:
+    """Collate examples (``row`` = their row in the cache) and attach the cached teacher."""
+
+    collate: CausalLMCollator
+    cache: TeacherCache
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        rows = torch.tensor([x["row"] for x in examples])
+        width = batch["inputs"]["input_ids"].shape[1]  # <= the cached rows' width
+        batch[TEACHER_PREFIX + TOPK] = pack_topk(
+            self.cache[TOPK_VALUES][rows][:, :width],
+            self.cache[TOPK_INDICES][rows][:, :width],
+            self.cache[REST_LOG_MASS][rows][:, :width],
+        )
+        return batch
+
+
+def _teacher_topk_cache(
+    cfg: LMExperimentConfig,
+    teacher: nn.Module,
+    train_ids: list[list[int]],
+    pad_token_id: int,
+    device: torch.device,
+) -> tuple[TeacherCache, dict[str, Any]]:
+    """Open or build the top-k cache ``distill.cache_dir`` of the teacher on the training texts.
+
+    The texts are right-padded to the longest one, ``(N, T)`` with an attention mask (a
+    causal teacher's logits at real positions do not depend on right padding). Under torchrun
+    rank 0 builds while the others wait, then they open and check it.
+    """
+    d = cfg.distill
+    assert d.cache_dir is not None
+    path = Path(d.cache_dir).expanduser()
+    inputs, mask = pad_right(train_ids, pad_token_id)
+    source = cfg.data.text_file or cfg.data.corpus
+    build = {
+        "data_name": f"lm:{source}:train",
+        "transform": f"tokens(max_length={cfg.data.max_length}, pad={pad_token_id})",
+        "k": d.cache_topk,
+        "attention_mask": mask,
+        "batch_size": cfg.data.eval_batch_size,
+        "device": device,
+        "values_dtype": getattr(torch, d.cache_dtype),
+    }
+    built = False
+    try:
+        if distributed.is_main():
+            teacher.to(device)
+            cache, built = load_or_build(path, teacher, inputs, rebuild=d.cache_rebuild, **build)
+        distributed.barrier()
+        if not distributed.is_main():
+            cache, _ = load_or_build(path, teacher, inputs, rebuild=False, **build)
+    except CacheError as err:
+        raise ConfigError(f"distill.cache_dir: {err}") from err
+    except ValueError as err:  # k larger than the vocabulary
+        raise ConfigError(f"distill.cache_topk: {err}") from err
+    info = {
+        "path": str(path),
+        "built": built,
+        "k": cache.k,
+        "rows": cache.num_rows,
+        "bytes_per_token": cache.bytes_per_row() / inputs.shape[1],
+    }
+    return cache, info
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+class RankShareLoader:
+    """This rank's contiguous share of every global batch of ``loader`` (DDP data split).
+
+    Every rank draws the same global batches (same seed and epoch) and keeps rows
+    ``[r·B/N, (r+1)·B/N)`` of each tensor (nested ``inputs`` included), as
+    :func:`kdistill.distributed.rank_share`. ``set_epoch`` / ``set_start_step`` / ``len``
+    are the wrapped loader's.
+    """
+
+    def __init__(self, loader: ExampleLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def set_start_step(self, step: int) -> None:
+        self.loader.set_start_step(step)
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            yield _share(batch)
+
+
+def _share(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return distributed.rank_share(value)
+    if isinstance(value, dict):
+        return {k: _share(v) for k, v in value.items()}
+    return value
+
+
+class _GlobalTokenMean(nn.Module):
+    """A per-token mean loss rescaled so that DDP's gradient average is the global token mean.
+
+    Each rank's mean over its ``n_r`` counted tokens (labels not ignored) is multiplied by
+    ``N · n_r / Σ_r n_r``; DDP averages the gradients over the ``N`` ranks, which gives the
+    gradient of the mean over all counted tokens of the global batch — what one process
+    computes on the whole batch — however the padding falls on the ranks.
+    """
+
+    requires_target = True
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+        self.requires_mask = getattr(loss, "requires_mask", False)
+        self._takes_target = getattr(loss, "requires_target", False)
+
+    def forward(self, student: Tensor, reference: Tensor, labels: Tensor, **kwargs: Any) -> Tensor:
+        args = (student, reference, labels) if self._takes_target else (student, reference)
+        value = self.loss(*args, **kwargs)
+        counted = (labels != IGNORE_INDEX).sum().to(torch.float64)
+        total = distributed.all_sum(counted)
+        scale = counted * distributed.world_size() / total.clamp_min(1.0)
+        return value * scale.to(value.dtype)
+
+
 def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") -> LMRun:
     """Tokenise the data, build the models and the objective; nothing is trained yet."""
     device = torch.device(device)
     d = cfg.distill
     causal = d.objective != "distilbert"
+    world = distributed.world_size()
+    if world > 1 and d.objective != "token_kd":
+        raise ConfigError(
+            f"distill.objective: {d.objective} runs in one process only; under torchrun "
+            "(several processes) kdistill lm supports objective token_kd"
+        )
+    if cfg.data.batch_size % world:
+        raise ConfigError(
+            f"data.batch_size: the global batch of {cfg.data.batch_size} texts does not split "
+            f"into {world} equal shares (one per process); make it a multiple of {world}"
+        )
     tokenizer = _load_tokenizer(cfg)
     texts = load_texts(cfg.data)
     random.Random(cfg.seed).shuffle(texts)
@@ -358,16 +617,41 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
                 train_examples, info["seqkd"] = _seqkd_examples(
                     cfg, teacher, tokenizer, train_ids, device
                 )
+            train_collate: Any = collate
+            kd = LossTerm("kd", _token_kd(cfg), weight=d.alpha)
+            if d.cache_dir is not None:  # token_kd with alpha > 0 (config validation)
+                assert teacher is not None
+                cache, info["teacher_cache"] = _teacher_topk_cache(
+                    cfg, teacher, train_ids, pad, device
+                )
+                train_examples = [{"input_ids": x, "row": i} for i, x in enumerate(train_ids)]
+                train_collate = _TopKCollator(collate, cache)
+                topk_loss = TopKTokenKDLoss(
+                    d.divergence,
+                    beta=d.beta,
+                    skew_alpha=d.skew_alpha,
+                    temperature=d.resolved_temperature,
+                )
+                kd = LossTerm("kd", topk_loss, weight=d.alpha, teacher=TOPK)
             train_loader = ExampleLoader(
-                train_examples, collate, batch, shuffle=True, seed=cfg.seed
+                train_examples,
+                train_collate,
+                batch,
+                shuffle=True,
+                drop_last=world > 1,  # every rank needs an equal share of every batch
+                seed=cfg.seed,
             )
             terms = []
             if d.alpha > 0:
-                terms.append(LossTerm("kd", _token_kd(cfg), weight=d.alpha))
+                terms.append(kd)
             if d.alpha < 1:
                 terms.append(LossTerm("ce", TokenCrossEntropy(), weight=1 - d.alpha, teacher=None))
-        uses_teacher = any(t.uses_teacher for t in terms)
-        distiller = Distiller(student, terms, teacher=teacher if uses_teacher else None)
+            if world > 1:
+                for term in terms:
+                    term.loss = _GlobalTokenMean(term.loss)
+                train_loader = RankShareLoader(train_loader)
+        uses_live_teacher = any(t.uses_teacher and t.teacher != TOPK for t in terms)
+        distiller = Distiller(student, terms, teacher=teacher if uses_live_teacher else None)
     if len(train_loader) == 0:
         raise ConfigError("data: no training batch (too few texts for data.batch_size)")
     return LMRun(teacher, student, tokenizer, distiller, train_loader, eval_loader, info)
@@ -379,10 +663,11 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     ``summary.json`` holds the teacher's and the student's held-out per-token metrics (the
     student before and after training), parameter counts and timings.
     """
-    seed_everything(cfg.seed, cfg.train.deterministic)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    distributed.init_from_env()  # a process group under torchrun; nothing otherwise
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    device = distributed.local_device(resolve_device(cfg.train.device))
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run = build_lm_run(cfg, device)
@@ -413,7 +698,8 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     train_seconds = time.perf_counter() - began
     final = evaluate(run.student, run.eval_loader, device)
     hf_dir = output_dir / "student"
-    _save_pretrained(run.student, run.tokenizer, hf_dir)
+    if distributed.is_main():
+        _save_pretrained(run.student, run.tokenizer, hf_dir)
     summary: dict[str, Any] = {
         "objective": cfg.distill.objective,
         "teacher": None
@@ -432,5 +718,8 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     }
     if isinstance(run.train_loader, OnPolicyLoader):
         summary["on_policy_batches"] = run.train_loader.on_policy_batches
-    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    summary["processes"] = distributed.world_size()
+    if distributed.is_main():
+        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    distributed.barrier()  # no rank returns before rank 0 has written the run folder
     return LMResult(summary, fit, output_dir)
