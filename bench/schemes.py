@@ -177,7 +177,12 @@ SCHEMES: dict[str, Scheme] = {
         lambda a: [
             Row(ALONE, "baseline", _student),
             Row("student taught online", "online_teacher", _student),
-            Row("TeacherCNN trained online", "online_teacher", _path("teacher", "test_accuracy")),
+            Row(
+                "TeacherCNN trained online",
+                "online_teacher",
+                _path("teacher", "test_accuracy"),
+                compare=False,
+            ),
         ],
     ),
     "born_again": Scheme(
@@ -350,7 +355,7 @@ def load_run(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any] | 
         return None
     if meta.get("command") != shell(arm, seed, args):
         return None
-    return {**summary, "_wall_s": meta["wall_s"]}
+    return {**summary, "_wall_s": meta["wall_s"], "_commit": meta.get("commit", "unknown")}
 
 
 def train_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -414,13 +419,15 @@ def scheme_table(
     return "\n".join(lines) + "\n"
 
 
-def header(args: argparse.Namespace) -> str:
+def header(args: argparse.Namespace, commits: Sequence[str]) -> str:
+    """The command line, the commits the runs were trained at, and the protocols."""
     seeds = " ".join(map(str, args.seeds))
     return (
         f"`python bench/schemes.py --schemes {' '.join(args.schemes)} --seeds {seeds} "
         f"--epochs {args.epochs} --train-subset {args.train_subset} --label-epochs "
         f"{args.label_epochs} --teacher-epochs {args.teacher_epochs}"
-        f"{f' --threads {args.threads}' if args.threads else ''}` — commit {_commit()}, "
+        f"{f' --threads {args.threads}' if args.threads else ''}` — runs trained at commit "
+        f"{', '.join(sorted(set(commits))) or _commit()}, "
         f"{platform.machine()}, torch {torch.__version__}. Subset protocol: "
         f"{args.train_subset} stratified training images, epochs: {args.epochs}, no "
         f"augmentation. Labels protocol: all 60,000 images, 3,000 labelled, epochs: "
@@ -446,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             if run is not None:
                 runs[arm, seed] = run
     text = "\n".join(
-        [header(args)] + [scheme_table(SCHEMES[name], args, runs) for name in args.schemes]
+        [header(args, [run["_commit"] for run in runs.values()])]
+        + [scheme_table(SCHEMES[name], args, runs) for name in args.schemes]
     )
     print(text)
     if args.markdown:

@@ -98,10 +98,11 @@ def test_a_run_is_reused_only_for_the_same_command(bench, tmp_path: Path) -> Non
     folder = bench.run_dir(args, "baseline", 0)
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({"student": {"test_accuracy": 0.5}}))
-    meta = {"command": bench.shell("baseline", 0, args), "wall_s": 12.0}
+    meta = {"command": bench.shell("baseline", 0, args), "wall_s": 12.0, "commit": "abc1234"}
     (folder / "bench.json").write_text(json.dumps(meta))
     run = bench.load_run("baseline", 0, args)
-    assert run == {"student": {"test_accuracy": 0.5}, "_wall_s": 12.0}
+    assert run == {"student": {"test_accuracy": 0.5}, "_wall_s": 12.0, "_commit": "abc1234"}
+    assert "commit abc1234," in bench.header(args, [run["_commit"]])
     other = bench.parse_args(["--output-dir", str(tmp_path), "--epochs", "3"])
     assert bench.load_run("baseline", 0, other) is None
 
