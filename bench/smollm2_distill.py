@@ -33,7 +33,7 @@ Setup: ``bash bench/setup_lm_teachers.sh``. Run (one thread per process; ≈ 35 
 busy cores)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2_distill.py --threads 1 \\
-        --out bench/_smollm2_distill.json
+        --out bench/results/smollm2_distill.json
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/_smollm2_distill.json")
+    p.add_argument("--out", default="bench/results/smollm2_distill.json")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
