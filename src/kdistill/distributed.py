@@ -166,6 +166,60 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded with FSDP2 (``fully_shard``, e.g. :func:`shard_student`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded ``DTensor`` all-gathered into a plain tensor (every rank must call it); a
+    plain tensor as it is."""
+    gather = getattr(tensor, "full_tensor", None)
+    return tensor if gather is None else gather()
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full (unsharded) optimizer state of an FSDP-sharded ``model`` on CPU, on rank 0.
+
+    Keyed by parameter name (not index), as
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` writes it; other
+    ranks get no tensors. Every rank must call it (the shards are all-gathered).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> None:
+    """Load full (unsharded) weights, and optionally optimizer state from
+    :func:`full_optimizer_state_dict`, into an FSDP-sharded ``model`` (and its ``optimizer``).
+
+    Every rank passes the full tensors (each keeps its own shard of them). Strict: a missing
+    or unexpected key raises ``RuntimeError``.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, weights, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
 def rank_share(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's contiguous share of a global batch ``(B, ...)`` (``B`` divisible by N)."""
     n = world_size()

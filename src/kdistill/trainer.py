@@ -22,6 +22,11 @@ Under ``torchrun`` (a process group from :func:`kdistill.distributed.init_from_e
 and loss-term adapters are trained through :class:`~torch.nn.parallel.DistributedDataParallel`
 (the frozen teacher is not wrapped); logged losses and accuracy are averaged over all ranks and
 only rank 0 writes files. Checkpoints hold the same keys as a single-process run's.
+A student already sharded with FSDP2 (:func:`kdistill.distributed.shard_student`, before the
+Trainer is built) is trained as it is, without DDP: the optimizer holds the sharded (DTensor)
+parameters, and the checkpoints and ``student.safetensors`` hold full tensors gathered on every
+rank (:func:`kdistill.distributed.full_state_dict`; the optimizer state likewise, keyed by
+parameter name), which a resume loads back into the sharded student.
 """
 
 from __future__ import annotations
@@ -365,6 +370,18 @@ class Trainer:
         self.amp = amp
         self.tensorboard = tensorboard
         self.evaluate_fn = evaluate_fn if evaluate_fn is not None else evaluate
+        self._sharded = distributed.is_sharded(distiller.student)
+        if self._sharded:
+            if amp == "fp16":
+                raise ValueError(
+                    'amp="fp16" (a GradScaler) is not supported with an FSDP-sharded student; '
+                    'use amp="bf16" or "none"'
+                )
+            if any(p.requires_grad for p in distiller.terms.parameters()):
+                raise ValueError(
+                    "an FSDP-sharded student cannot be trained with loss-term adapters (they "
+                    "would need sharding too); use DDP or terms without trainable parameters"
+                )
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, epochs, len(train_loader))  # type: ignore[arg-type]
@@ -376,6 +393,7 @@ class Trainer:
         self._forward: nn.Module = self.distiller
         if distributed.is_distributed():
             self.progress = progress and distributed.is_main()
+        if distributed.is_distributed() and not self._sharded:  # FSDP syncs gradients itself
             self._forward = nn.parallel.DistributedDataParallel(
                 _TrainableParts(self.distiller),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -413,8 +431,9 @@ class Trainer:
             if writer is not None:
                 writer.close()
         student_path = self.output_dir / "student.safetensors"
+        student_state = self._student_state_dict()  # every rank gathers a sharded student
         if distributed.is_main():
-            save_weights(student_path, untie_shared_tensors(self.distiller.student.state_dict()))
+            save_weights(student_path, untie_shared_tensors(student_state))
         distributed.barrier()  # no rank returns before the weights are written
         return FitResult(self.history, self.output_dir, student_path)
 
@@ -581,23 +600,43 @@ class Trainer:
         return False
 
     def _grad_norm(self) -> Tensor:
-        """The global gradient norm (clipping to ``grad_clip`` when it is set)."""
+        """The global gradient norm (clipping to ``grad_clip`` when it is set).
+
+        With a sharded student the gradients are DTensor shards: torch's norm reduces over the
+        shards, and the result (a replicated DTensor) becomes a plain tensor, equal on every rank.
+        """
         if self.optim_cfg.grad_clip is not None:
-            return torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.grad_clip)
+            return distributed.full_tensor(norm)
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        return torch.nn.utils.get_total_norm(grads)
+        return distributed.full_tensor(torch.nn.utils.get_total_norm(grads))
 
     def _nonfinite_grads(self, limit: int = 5) -> list[str]:
         names = [
             name
             for name, p in self.distiller.named_parameters()
-            if p.grad is not None and not torch.isfinite(p.grad).all()
+            if p.grad is not None and not torch.isfinite(distributed.full_tensor(p.grad)).all()
         ]
         return names[:limit] + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
 
     # -- checkpoints and logs ----------------------------------------------------------
+
+    def _student_state_dict(self) -> dict[str, Tensor]:
+        """The student's full state dict (gathered from every rank when it is sharded: all
+        ranks must call this; only rank 0 gets the tensors)."""
+        if self._sharded:
+            return distributed.full_state_dict(self.distiller.student)
+        return self.distiller.student.state_dict()
+
+    def _trainable_state_dict(self) -> dict[str, Tensor]:
+        """:meth:`Distiller.trainable_state_dict`, with a sharded student gathered in full."""
+        if not self._sharded:
+            return self.distiller.trainable_state_dict()
+        state = {f"student.{k}": v for k, v in self._student_state_dict().items()}
+        state.update({f"terms.{k}": v for k, v in self.distiller.terms.state_dict().items()})
+        return untie_shared_tensors(state)
 
     def _save(self, epochs_done: int) -> None:
         self._save_checkpoint(epochs_done, 0, None)
@@ -605,13 +644,20 @@ class Trainer:
     def _save_checkpoint(self, epoch: int, step: int, partial: _Partial | None) -> None:
         """Checkpoint after ``epoch`` whole epochs and ``step`` steps of the next one."""
         self._flush_step_log()  # the log always reaches at least as far as the checkpoint
+        if self._sharded:  # all-gathered on every rank, so before rank 0 alone goes on
+            weights = self._trainable_state_dict()
+            optimizer_state = distributed.full_optimizer_state_dict(
+                self.distiller.student, self.optimizer
+            )
+        else:
+            weights, optimizer_state = {}, self.optimizer.state_dict()
         state: dict[str, Any] = {
             "epoch": epoch,
             "step": step,
             "global_step": epoch * self.steps_per_epoch + step,
             "epochs": self.epochs,
             "steps_per_epoch": self.steps_per_epoch,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -636,7 +682,7 @@ class Trainer:
         save_checkpoint(
             self.checkpoint_dir,
             epoch,
-            self.distiller.trainable_state_dict(),
+            weights if self._sharded else self.distiller.trainable_state_dict(),
             state,
             keep_last=self.keep_last,
             step=step,
@@ -721,12 +767,21 @@ class Trainer:
                 stacklevel=3,
             )
         try:
-            self.distiller.load_trainable_state_dict(weights)
-        except RuntimeError as err:
+            if self._sharded:
+                student = {k[8:]: v for k, v in weights.items() if k.startswith("student.")}
+                distributed.load_full_state(
+                    self.distiller.student, student, self.optimizer, state["optimizer"]
+                )
+                terms = {k[6:]: v for k, v in weights.items() if k.startswith("terms.")}
+                self.distiller.terms.load_state_dict(terms)
+            else:
+                self.distiller.load_trainable_state_dict(weights)
+        except (RuntimeError, KeyError) as err:
             raise ResumeError(
                 f"{folder / 'model.safetensors'} does not fit this run's student/adapters: {err}"
             ) from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self._sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_as_tuple(state["python_rng"]))

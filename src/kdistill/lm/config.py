@@ -37,6 +37,9 @@ with another ``cache_topk``, is refused unless ``cache_rebuild: true``.
 Several processes: under ``torchrun --nproc_per_node N -m kdistill lm ...`` a ``token_kd``
 run trains with DDP (each rank a contiguous 1/N of every global batch of ``data.batch_size``
 texts, which must divide by N; the frozen teacher unwrapped; rank 0 writes the run folder).
+With ``train.parallel: fsdp`` the student is sharded with FSDP2 instead of copied
+(:func:`kdistill.distributed.shard_student`: each decoder layer a unit, the rest in the root),
+and ``student.safetensors`` and the checkpoints hold full tensors gathered from all ranks.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ __all__ = [
     "LMDistillConfig",
     "LMExperimentConfig",
     "LMModelConfig",
+    "LMTrainConfig",
     "SeqKDConfig",
     "lm_config_from_dict",
     "load_lm_config",
@@ -256,6 +260,26 @@ class LMDistillConfig:
 
 
 @dataclass
+class LMTrainConfig(TrainConfig):
+    """The vision loop settings (:class:`~kdistill.config.TrainConfig`) plus ``parallel``.
+
+    ``parallel``: how a ``torchrun`` run (several processes) spreads the student: ``ddp``, a
+    full copy per rank with all-reduced gradients, or ``fsdp``, every parameter, gradient and
+    optimizer state sharded over the ranks (FSDP2). A one-process run trains the one student
+    either way.
+    """
+
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.parallel == "fsdp" and self.amp == "fp16":
+            raise ConfigError(
+                "amp: fp16 (a GradScaler) is not supported with parallel: fsdp; use amp: bf16"
+            )
+
+
+@dataclass
 class LMExperimentConfig:
     """A whole LM run: data, teacher, student, objective, decoding, optimizer, loop."""
 
@@ -269,7 +293,7 @@ class LMExperimentConfig:
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.01, schedule="cosine")
     )
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1))
+    train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(epochs=1))
 
     def __post_init__(self) -> None:
         objective = self.distill.objective

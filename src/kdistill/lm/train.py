@@ -18,10 +18,10 @@ reused on ``--resume``).
 :func:`_teacher_topk_cache`, :class:`TopKTokenKDLoss`) and may run under ``torchrun`` with
 DDP (the :class:`~kdistill.trainer.Trainer` wraps the student; :class:`RankShareLoader`
 splits every global batch; :class:`_GlobalTokenMean` keeps the loss the global token mean).
-FSDP is not wired into this path: the shared Trainer always wraps the student in DDP and
-saves ``student.state_dict()`` on rank 0, which an FSDP-sharded student would need replaced
-by :func:`kdistill.distributed.full_state_dict` on every rank; shard a student by hand with
-:func:`kdistill.distributed.shard_student` and :func:`kdistill.distributed.lm_distill_step`.
+With ``train.parallel: fsdp`` :func:`run_lm` shards the student with
+:func:`kdistill.distributed.shard_student` before the Trainer builds its optimizer; the
+Trainer then skips DDP and gathers full tensors for every file it writes (FSDP2 averages the
+gradients over the ranks as DDP does, so the same rescaled loss gives the same step).
 
 Python::
 
@@ -206,13 +206,20 @@ def _build_model(
         raise ConfigError(f"{key}.config: {err}") from None
 
 
-def _save_pretrained(model: nn.Module, tokenizer: Any, folder: Path) -> None:
-    """``save_pretrained`` of the model (and an HF tokenizer) without a progress bar."""
+def _save_pretrained(
+    model: nn.Module, tokenizer: Any, folder: Path, state_dict: dict[str, Tensor] | None = None
+) -> None:
+    """``save_pretrained`` of the model (and an HF tokenizer) without a progress bar.
+
+    ``state_dict``: the weights to write instead of the model's own (the full tensors of an
+    FSDP-sharded model).
+    """
     hf_logging = _transformers().utils.logging
     had_bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(str(folder))  # type: ignore[operator]
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(str(folder), **kwargs)  # type: ignore[operator]
         if not isinstance(tokenizer, ByteTokenizer):
             tokenizer.save_pretrained(str(folder))
     finally:
@@ -657,6 +664,17 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
     return LMRun(teacher, student, tokenizer, distiller, train_loader, eval_loader, info)
 
 
+def _evaluate_sharded(model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+    """:func:`~kdistill.lm.batches.evaluate_lm` under ``no_grad`` instead of ``inference_mode``.
+
+    FSDP2 keeps the buffers it all-gathers a sharded model's parameters into from one forward
+    to the next; made under ``inference_mode`` they would be inference tensors, which training
+    may not write to afterwards. Every rank evaluates the whole held-out set.
+    """
+    with torch.no_grad():
+        return evaluate_lm.__wrapped__(model, loader, device)  # type: ignore[attr-defined]
+
+
 def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None = None) -> LMResult:
     """Train the configured student and write the run folder; returns its summary.
 
@@ -671,7 +689,11 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run = build_lm_run(cfg, device)
-    evaluate = evaluate_lm
+    sharded = cfg.train.parallel == "fsdp" and distributed.is_distributed()
+    evaluate: Any = evaluate_lm
+    if sharded:  # before the Trainer builds the optimizer over the (now DTensor) parameters
+        distributed.shard_student(run.student)
+        evaluate = _evaluate_sharded
     teacher_metrics = None
     if run.teacher is not None:
         run.teacher.to(device)
@@ -698,8 +720,9 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     train_seconds = time.perf_counter() - began
     final = evaluate(run.student, run.eval_loader, device)
     hf_dir = output_dir / "student"
+    full = distributed.full_state_dict(run.student) if sharded else None  # every rank gathers
     if distributed.is_main():
-        _save_pretrained(run.student, run.tokenizer, hf_dir)
+        _save_pretrained(run.student, run.tokenizer, hf_dir, state_dict=full)
     summary: dict[str, Any] = {
         "objective": cfg.distill.objective,
         "teacher": None
@@ -719,6 +742,7 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     if isinstance(run.train_loader, OnPolicyLoader):
         summary["on_policy_batches"] = run.train_loader.on_policy_batches
     summary["processes"] = distributed.world_size()
+    summary["parallel"] = cfg.train.parallel if distributed.is_distributed() else "none"
     if distributed.is_main():
         atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     distributed.barrier()  # no rank returns before rank 0 has written the run folder
