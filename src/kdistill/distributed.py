@@ -95,7 +95,11 @@ def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 def destroy() -> None:
+    """Tear the process group down together: a rank that destroys its gloo context while
+    another still runs collectives (e.g. rank 0 saving after the last step) can abort the
+    other with "terminate called without an active exception"."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
