@@ -605,6 +605,19 @@ class DivergenceSettings(nn.Module):
         self.chunk_size = chunk_size
         self.allow_padded = allow_padded
 
+    def extra_repr(self) -> str:
+        parts = [f"kind={self.kind!r}"]
+        if self.kind == "jsd":
+            parts.append(f"beta={self.beta}")
+        if self.kind in ("skew_kl", "skew_reverse_kl"):
+            parts.append(f"skew_alpha={self.skew_alpha}")
+        parts.append(f"temperature={self.temperature}")
+        if self.reduction != "mean":
+            parts.append(f"reduction={self.reduction!r}")
+        if self.chunk_size is not None:
+            parts.append(f"chunk_size={self.chunk_size}")
+        return ", ".join(parts)
+
 
 class TokenDivergenceLoss(DivergenceSettings):
     """Module form of :func:`token_divergence`; holds only the hyper-parameters.
@@ -633,16 +646,3 @@ class TokenDivergenceLoss(DivergenceSettings):
             chunk_size=self.chunk_size,
             allow_padded=self.allow_padded,
         )
-
-    def extra_repr(self) -> str:
-        parts = [f"kind={self.kind!r}"]
-        if self.kind == "jsd":
-            parts.append(f"beta={self.beta}")
-        if self.kind in ("skew_kl", "skew_reverse_kl"):
-            parts.append(f"skew_alpha={self.skew_alpha}")
-        parts.append(f"temperature={self.temperature}")
-        if self.reduction != "mean":
-            parts.append(f"reduction={self.reduction!r}")
-        if self.chunk_size is not None:
-            parts.append(f"chunk_size={self.chunk_size}")
-        return ", ".join(parts)

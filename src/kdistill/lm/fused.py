@@ -339,16 +339,3 @@ class FusedLinearDivergenceLoss(DivergenceSettings):
             chunk_size=self.chunk_size,
             allow_padded=self.allow_padded,
         )
-
-    def extra_repr(self) -> str:
-        parts = [f"kind={self.kind!r}"]
-        if self.kind == "jsd":
-            parts.append(f"beta={self.beta}")
-        if self.kind in ("skew_kl", "skew_reverse_kl"):
-            parts.append(f"skew_alpha={self.skew_alpha}")
-        parts.append(f"temperature={self.temperature}")
-        if self.reduction != "mean":
-            parts.append(f"reduction={self.reduction!r}")
-        if self.chunk_size is not None:
-            parts.append(f"chunk_size={self.chunk_size}")
-        return ", ".join(parts)
