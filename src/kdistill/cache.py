@@ -67,7 +67,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -503,6 +503,52 @@ class _ShardWriter:
         self._open = {}
 
 
+def teacher_outputs(
+    teacher: nn.Module,
+    inputs: Tensor,
+    keys: Sequence[str],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    attention_mask: Tensor | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """One frozen-teacher pass over ``inputs`` ``(N, ...)`` in batches of ``batch_size``.
+
+    Yields, per batch, ``{key: tensor}`` for ``keys`` (``"logits"`` and/or layer names read
+    through :class:`~kdistill.taps.FeatureTaps`), on ``device``, computed in eval mode under
+    ``torch.inference_mode``; the teacher's train/eval mode is restored when the generator
+    ends or is closed. The one teacher pass behind both the in-memory cache
+    (:func:`kdistill.experiment.cache_teacher_outputs`) and :func:`build_cache`.
+    """
+    layers = [key for key in keys if key != LOGITS]
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.inference_mode(), FeatureTaps(teacher, layers) as taps:
+            for start in range(0, inputs.shape[0], batch_size):
+                rows = slice(start, start + batch_size)
+                kwargs = {}
+                if attention_mask is not None:
+                    kwargs["attention_mask"] = attention_mask[rows].to(device)
+                logits = _logits_of(teacher(inputs[rows].to(device), **kwargs))
+                outputs = {**taps.pop(), LOGITS: logits}
+                yield {key: outputs[key] for key in keys}
+    finally:
+        teacher.train(was_training)
+
+
+def dense_outputs(
+    outputs: Mapping[str, Tensor], keys: Sequence[str], map_dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Teacher outputs as cached densely, on CPU: feature maps (more than 2 dims) in
+    ``map_dtype`` (float16 halves a cache that would dwarf the data set), logits and vectors
+    in float32."""
+    dense = {}
+    for key in keys:
+        value = outputs[key].float()
+        dense[key] = value.to("cpu", map_dtype if value.dim() > 2 else torch.float32)
+    return dense
+
+
 def _logits_of(output: Any) -> Tensor:
     """The logits of a model output: a tensor, or ``.logits`` / ``["logits"]`` (Hugging Face)."""
     if isinstance(output, Tensor):
@@ -616,39 +662,28 @@ def build_cache(
     for debris in [*path.glob("shard-*.npy"), *path.glob(".shard-*.tmp-*")]:
         debris.unlink()
 
-    layers = [key for key in keys if key != LOGITS]
     writer = _ShardWriter(path, int(inputs.shape[0]), shard_bytes)
     vocab: int | None = None
-    was_training = teacher.training
-    teacher.eval()
+    passes = teacher_outputs(teacher, inputs, keys, batch_size, device, attention_mask)
     try:
-        with torch.inference_mode(), FeatureTaps(teacher, layers) as taps:
-            for start in range(0, inputs.shape[0], batch_size):
-                x = inputs[start : start + batch_size].to(device)
-                kwargs = {}
-                if attention_mask is not None:
-                    kwargs["attention_mask"] = attention_mask[start : start + batch_size].to(device)
-                logits = _logits_of(teacher(x, **kwargs))
-                outputs = {**taps.pop(), LOGITS: logits}
-                batch: dict[str, Tensor] = {}
-                if layout == "dense":
-                    for key in keys:
-                        value = outputs[key].float()
-                        dtype = map_dtype if value.dim() > 2 else torch.float32
-                        batch[key] = value.to("cpu", dtype)
-                else:
-                    assert k is not None
-                    vocab = logits.shape[-1]
-                    values, indices, rest = topk_log_probs(logits, k)
-                    batch[TOPK_VALUES] = values.to("cpu", values_dtype)
-                    batch[TOPK_INDICES] = indices.to("cpu", index_dtype_for(vocab))
-                    batch[REST_LOG_MASS] = rest.to("cpu", torch.float32)
-                writer.write(batch)
+        for outputs in passes:
+            batch: dict[str, Tensor] = {}
+            if layout == "dense":
+                batch = dense_outputs(outputs, keys, map_dtype)
+            else:
+                assert k is not None
+                logits = outputs[LOGITS]
+                vocab = logits.shape[-1]
+                values, indices, rest = topk_log_probs(logits, k)
+                batch[TOPK_VALUES] = values.to("cpu", values_dtype)
+                batch[TOPK_INDICES] = indices.to("cpu", index_dtype_for(vocab))
+                batch[REST_LOG_MASS] = rest.to("cpu", torch.float32)
+            writer.write(batch)
     except BaseException:
         writer.abort()
         raise
     finally:
-        teacher.train(was_training)
+        passes.close()  # leaves inference mode, removes the taps, restores the train mode
 
     manifest = {
         "format": FORMAT,

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from kdistill import distributed
-from kdistill.cache import CacheError, ShardedTensor, load_or_build
+from kdistill.cache import (
+    CacheError,
+    ShardedTensor,
+    dense_outputs,
+    load_or_build,
+    teacher_outputs,
+)
 from kdistill.checkpoint import atomic_write_text, load_weights
 from kdistill.config import ConfigError, DistillConfig, ExperimentConfig, ModelConfig, TermConfig
 from kdistill.data import fashion_mnist_dataset
@@ -33,7 +39,6 @@ from kdistill.distiller import AUTO, LOGITS, Distiller, LossTerm, probe_shapes
 from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy
 from kdistill.losses.registry import LOSSES
 from kdistill.models import build_model, count_parameters
-from kdistill.taps import FeatureTaps
 from kdistill.trainer import (
     TEACHER_PREFIX,
     FitResult,
@@ -359,7 +364,6 @@ def run_stages(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     return last
 
 
-@torch.inference_mode()
 def cache_teacher_outputs(
     teacher: nn.Module,
     keys: Sequence[str],
@@ -373,20 +377,13 @@ def cache_teacher_outputs(
     ``keys`` are ``"logits"`` and/or layer names. Returns ``{"teacher.<key>": (N, ...)}`` on
     CPU, ready to be batched with the inputs (see :func:`kdistill.trainer.unpack_batch`).
     Feature maps (more than 2 dims) are stored in ``map_dtype`` — float16 halves the memory
-    of a cache that would otherwise dwarf the data set; logits and vectors stay float32.
+    of a cache that would otherwise dwarf the data set; logits and vectors stay float32. The
+    same pass and dtypes as the on-disk cache (:func:`kdistill.cache.build_cache`).
     """
-    layers = [k for k in keys if k != LOGITS]
-    was_training = teacher.training
-    teacher.eval()
     parts: dict[str, list[Tensor]] = {k: [] for k in keys}
-    with FeatureTaps(teacher, layers) as taps:
-        for start in range(0, inputs.shape[0], batch_size):
-            logits = teacher(inputs[start : start + batch_size].to(device))
-            outputs = {**taps.pop(), LOGITS: logits}
-            for key in keys:
-                value = outputs[key].float()
-                parts[key].append(value.to("cpu", map_dtype if value.dim() > 2 else torch.float32))
-    teacher.train(was_training)
+    for outputs in teacher_outputs(teacher, inputs, keys, batch_size, device):
+        for key, value in dense_outputs(outputs, keys, map_dtype).items():
+            parts[key].append(value)
     return {f"{TEACHER_PREFIX}{key}": torch.cat(chunks) for key, chunks in parts.items()}
 
 
