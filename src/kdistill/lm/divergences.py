@@ -41,13 +41,16 @@ kdistill.losses.kd_loss(temperature=T) / T²`` (Hinton's classification KD keeps
 ``T²`` that makes the gradient size independent of ``T``). Multiply by ``T²`` yourself
 for Hinton's convention.
 
-Memory: :func:`token_divergence` walks the tokens in chunks of ``chunk_size`` rows. For
+Memory: :func:`token_divergence` walks the tokens in chunks of rows sized by a byte budget
+``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 32 MiB) over the vocabulary size, the
+compute dtype and the number of ``(rows, V)`` tensors the kind holds at once (3–4, computed in
+place wherever the algebra allows), or of ``chunk_size`` rows when given. For
 each chunk it upcasts to float32, computes the divergence and — in the forward pass,
 the trick of Liger-Kernel's chunked losses — its gradient wrt the student logits (and
 the teacher's, if those require grad) in closed form, stored in the input dtype.
 Backward only scales the stored gradient. So beyond the inputs the loss holds one
 gradient the size of the logits it differentiates (bf16 for bf16 logits) plus
-``O(chunk_size × V)`` float32 working memory, never a full ``(N, V)`` float32 tensor or
+``chunk_bytes`` of float32 working memory, never a full ``(N, V)`` float32 tensor or
 the full softmax graph of both models. Double backward is not supported (use
 :func:`token_divergence_reference`). :mod:`kdistill.lm.fused` goes further and never
 materialises the student's logits at all.
@@ -83,6 +86,7 @@ from kdistill.lm.vocab import align_vocab
 from kdistill.losses._reduce import _check_mask, _compute_dtype
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CHUNK_ELEMENTS",
     "IGNORE_INDEX",
     "KINDS",
@@ -97,9 +101,15 @@ KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
 IGNORE_INDEX = -100
 """Hugging Face's label for tokens that do not count (padding, prompt)."""
 
+DEFAULT_CHUNK_BYTES = 32 << 20
+"""Default working-memory budget of one chunk (32 MiB): ``chunk_size=None`` takes
+``max(1, chunk_bytes // (w · V · itemsize))`` token rows per chunk, ``w`` being the number of
+``(rows, V)`` compute-dtype tensors the kind holds at once (:data:`_WORKING_SET`, 3–4), e.g.
+42 rows of JSD for a 49,152-token vocabulary in float32, 13 rows for 151,936 ids."""
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
-"""``chunk_size=None`` takes ``max(1, DEFAULT_CHUNK_ELEMENTS // V)`` rows per chunk: 64 MiB
-per float32 ``(chunk, V)`` working tensor (110 rows for a 151,936-token vocabulary)."""
+"""The fixed default of earlier versions (``chunk_size = DEFAULT_CHUNK_ELEMENTS // V`` rows,
+341 for 49,152 ids), kept for reference: pass ``chunk_size`` to reproduce it."""
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -152,15 +162,42 @@ def _check_reduction(reduction: str) -> None:
         )
 
 
-def _chunk_rows(chunk_size: int | None, vocab: int) -> int:
-    if chunk_size is None:
-        return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+def _check_chunking(chunk_size: int | None, chunk_bytes: int | None) -> None:
+    for name, value in (("chunk_size", chunk_size), ("chunk_bytes", chunk_bytes)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            what = "tokens per chunk" if name == "chunk_size" else "bytes of working memory"
+            raise ValueError(
+                f"{name} must be a positive int ({what}) or None for automatic, got {value!r}"
+            )
+    if chunk_size is not None and chunk_bytes is not None:
         raise ValueError(
-            f"chunk_size must be a positive int (tokens per chunk) or None for automatic, "
-            f"got {chunk_size!r}"
+            f"give chunk_size (tokens per chunk, here {chunk_size}) or chunk_bytes (a memory "
+            f"budget, here {chunk_bytes}), not both: chunk_size fixes the rows, chunk_bytes "
+            "derives them from the vocabulary size"
         )
-    return chunk_size
+
+
+def _chunk_rows(
+    chunk_size: int | None,
+    vocab: int,
+    *,
+    chunk_bytes: int | None = None,
+    working_set: float = 4.0,
+    itemsize: int = 4,
+) -> int:
+    """Token rows per chunk: ``chunk_size`` if given, else from the byte budget.
+
+    ``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`) is divided by the bytes of the
+    ``working_set`` compute-dtype ``(rows, V)`` tensors alive at once: ``rows =
+    max(1, chunk_bytes // (working_set · V · itemsize))``.
+    """
+    _check_chunking(chunk_size, chunk_bytes)
+    if chunk_size is not None:
+        return chunk_size
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, int(budget // (working_set * max(vocab, 1) * itemsize)))
 
 
 def _check_leading(student: Tensor, teacher: Tensor, what: str = "logits") -> None:
@@ -268,6 +305,164 @@ def _per_token(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
     raise AssertionError(kind)  # pragma: no cover - _resolve rejects other kinds
 
 
+def _log_probs(x: Tensor, dtype: torch.dtype, temperature: float, owned: bool) -> Tensor:
+    """``log softmax(x / T)`` ``(n, V)`` in ``dtype``; divides ``x`` in place when ``owned``."""
+    if x.dtype != dtype:
+        x, owned = x.to(dtype), True
+    if temperature != 1.0:
+        x = x.div_(temperature) if owned else x / temperature
+    return torch.log_softmax(x, dim=-1)
+
+
+def _zero_where_absent(d: Tensor) -> Tensor:
+    """In place: entries of ``d = log a − log b`` with ``a = 0`` (``−inf`` or ``NaN``) → 0.
+
+    With ``log a`` finite, ``d ≥ log a > −∞``, so ``−inf`` / ``NaN`` only arise where
+    ``a = 0`` exactly, whose terms count 0 (``0 · log 0 = 0``). ``+inf`` (``a > 0 = b``)
+    is kept: the divergence is infinite there.
+    """
+    return d.nan_to_num_(nan=0.0, neginf=0.0, posinf=math.inf)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """``log(w · a + (1 − w) · b)`` for ``0 < w < 1``: one new ``(n, V)`` tensor, log space."""
+    c = math.log1p(-w) - math.log(w)
+    out = torch.logaddexp(log_a, log_b + c) if c != 0.0 else torch.logaddexp(log_a, log_b)
+    return out.add_(math.log(w))
+
+
+def _centre_(e: Tensor, prob: Tensor) -> Tensor:
+    """In place: ``e − ⟨1, e⟩ · prob`` per row; with ``e = prob ⊙ x`` this is
+    ``prob ⊙ (x − ⟨prob, x⟩)``, the softmax Jacobian applied to ``x``."""
+    return e.addcmul_(prob, e.sum(dim=-1, keepdim=True), value=-1.0)
+
+
+# Each _grads_<kind> takes ``pair = [lq, lp]``, the tempered log-probabilities of the
+# student and the teacher, (n, V) tensors it takes over (empties the list) and overwrites, and returns the per-row divergence (n, 1) and
+# ``factor ·`` its gradients wrt the tempered logits ``a`` / ``b`` (None when not needed).
+# Every (n, V) operation is in place where the algebra allows; the peak number of (n, V)
+# tensors alive at once is _WORKING_SET[kind] (checked by the tests).
+
+_Grads = tuple[Tensor, Tensor | None, Tensor | None]
+
+
+def _grads_forward_kl(pair: list[Tensor], w: float, ns: bool, nt: bool, f: float) -> _Grads:
+    lq, lp = pair
+    pair.clear()
+    p = lp.exp()
+    e = _zero_where_absent(lp.sub_(lq)).mul_(p)  # p ⊙ (log p − log q)
+    row = e.sum(dim=-1, keepdim=True)
+    gb = _centre_(e, p).mul_(f) if nt else None  # p ⊙ (D − KL)
+    del e
+    ga = lq.exp_().sub_(p).mul_(f) if ns else None  # q − p
+    return row, ga, gb
+
+
+def _grads_reverse_kl(pair: list[Tensor], w: float, ns: bool, nt: bool, f: float) -> _Grads:
+    lq, lp = pair
+    pair.clear()
+    q = lq.exp()
+    e = _zero_where_absent(lq.sub_(lp)).mul_(q)  # q ⊙ (log q − log p)
+    row = e.sum(dim=-1, keepdim=True)
+    gb = lp.exp_().sub_(q).mul_(f) if nt else None  # p − q
+    ga = _centre_(e, q).mul_(f) if ns else None  # q ⊙ (D − KL)
+    return row, ga, gb
+
+
+def _grads_jsd(pair: list[Tensor], beta: float, ns: bool, nt: bool, f: float) -> _Grads:
+    lq, lp = pair
+    pair.clear()
+    log_m = _log_mix(lp, lq, beta)  # m = β p + (1 − β) q
+    p = lp.exp()
+    e = _zero_where_absent(lp.sub_(log_m)).mul_(p)  # p ⊙ (log p − log m)
+    kl_p = e.sum(dim=-1, keepdim=True)
+    gb = _centre_(e, p).mul_(beta * f) if nt else None
+    del e, p, lp
+    q = lq.exp()
+    e = _zero_where_absent(lq.sub_(log_m)).mul_(q)  # q ⊙ (log q − log m)
+    del log_m
+    kl_q = e.sum(dim=-1, keepdim=True)
+    ga = _centre_(e, q).mul_((1.0 - beta) * f) if ns else None
+    return beta * kl_p + (1.0 - beta) * kl_q, ga, gb
+
+
+def _grads_skew_kl(pair: list[Tensor], alpha: float, ns: bool, nt: bool, f: float) -> _Grads:
+    lq, lp = pair
+    pair.clear()
+    log_m = _log_mix(lp, lq, alpha)  # m = α p + (1 − α) q
+    q = lq.exp_()
+    p = lp.exp()
+    d = lp.sub_(log_m)  # log p − log m
+    r = torch.exp(d, out=log_m).nan_to_num_(nan=0.0)  # p / m ≤ 1 / α, 0 where p = m = 0
+    e = _zero_where_absent(d).mul_(p)
+    row = e.sum(dim=-1, keepdim=True)
+    gb = None
+    if nt:  # p ⊙ (D − α r − ⟨p, D − α r⟩)
+        gb = _centre_(e.addcmul_(p, r, value=-alpha), p).mul_(f)
+    del e, p
+    ga = None
+    if ns:  # (1 − α) q ⊙ (⟨q, r⟩ − r)
+        ga = _centre_(r.mul_(q), q).mul_(-(1.0 - alpha) * f)
+    return row, ga, gb
+
+
+def _grads_skew_reverse_kl(
+    pair: list[Tensor], alpha: float, ns: bool, nt: bool, f: float
+) -> _Grads:
+    lq, lp = pair
+    pair.clear()
+    log_m = _log_mix(lq, lp, alpha)  # m = α q + (1 − α) p
+    p = lp.exp_() if nt else None
+    del lp
+    q = lq.exp()
+    d = lq.sub_(log_m)  # log q − log m
+    u = torch.exp(d, out=log_m).nan_to_num_(nan=0.0)  # q / m ≤ 1 / α
+    e = _zero_where_absent(d).mul_(q)
+    row = e.sum(dim=-1, keepdim=True)
+    ga = None
+    if ns:  # q ⊙ (D − α u − ⟨q, D − α u⟩)
+        ga = _centre_(e.addcmul_(q, u, value=-alpha), q).mul_(f)
+    del e
+    gb = None
+    if p is not None:  # (1 − α) p ⊙ (⟨p, u⟩ − u)
+        gb = _centre_(u.mul_(p), p).mul_(-(1.0 - alpha) * f)
+    return row, ga, gb
+
+
+def _grads_tv(pair: list[Tensor], w: float, ns: bool, nt: bool, f: float) -> _Grads:
+    lq, lp = pair
+    pair.clear()
+    q, p = lq.exp_(), lp.exp_()
+    diff = torch.sub(p, q) if nt else p.sub_(q)
+    row = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1, keepdim=True)
+    sign = diff.sign_()  # σ = ½ sign(p − q); the ½ goes into the factors
+    gb = _centre_(torch.mul(p, sign), p).mul_(0.5 * f) if nt else None  # p ⊙ (σ − ⟨p, σ⟩)
+    ga = _centre_(sign.mul_(q), q).mul_(-0.5 * f) if ns else None  # −q ⊙ (σ − ⟨q, σ⟩)
+    return row, ga, gb
+
+
+_GRADS = {
+    "forward_kl": _grads_forward_kl,
+    "reverse_kl": _grads_reverse_kl,
+    "jsd": _grads_jsd,
+    "skew_kl": _grads_skew_kl,
+    "skew_reverse_kl": _grads_skew_reverse_kl,
+    "tv": _grads_tv,
+}
+
+_WORKING_SET = {
+    "forward_kl": 3,
+    "reverse_kl": 3,
+    "jsd": 4,
+    "skew_kl": 4,
+    "skew_reverse_kl": 4,
+    "tv": 4,
+}
+"""Peak number of compute-dtype ``(rows, V)`` tensors alive at once in
+:func:`_value_and_grads` (forward with gradients, incl. the upcast / tempered copies of the
+inputs), the unit the chunk budget ``chunk_bytes`` is divided by."""
+
+
 def _value_and_grads(
     student: Tensor,
     teacher: Tensor,
@@ -275,14 +470,19 @@ def _value_and_grads(
     need_student: bool,
     need_teacher: bool,
     scale: float,
+    owned_student: bool = False,
+    owned_teacher: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Summed divergence of one chunk ``(n, V)`` and ``scale ·`` its gradients, analytically.
 
     The chunk is upcast to the compute dtype (at least float32) here, so only
-    ``O(chunk × V)`` float32 memory is live at a time, and no autograd graph is built.
-    With ``a = z_s / T``, ``b = z_t / T``, ``q = softmax(a)``, ``p = softmax(b)``, every
-    gradient has the softmax form ``∂ℓ/∂a = q ⊙ (x − ⟨q, x⟩)`` for ``x = ∂ℓ/∂q``, which
-    simplifies per kind (``m`` is the kind's mixture, ``D_p = log p − log m``):
+    ``O(chunk × V)`` float32 memory is live at a time — at most :data:`_WORKING_SET` ``[kind]``
+    ``(n, V)`` tensors — and no autograd graph is built. ``owned=True`` says ``student`` and
+    ``teacher`` are fresh tensors of the caller's (an ``index_select`` or a matmul) that may
+    be overwritten. With ``a = z_s / T``, ``b = z_t / T``, ``q = softmax(a)``,
+    ``p = softmax(b)``, every gradient has the softmax form ``∂ℓ/∂a = q ⊙ (x − ⟨q, x⟩)`` for
+    ``x = ∂ℓ/∂q``, which simplifies per kind (``m`` is the kind's mixture,
+    ``D_p = log p − log m``):
 
     * forward KL: ``∂a = q − p``;  ``∂b = p ⊙ (log p − log q − KL)``
     * reverse KL: ``∂a = q ⊙ (log q − log p − KL)``;  ``∂b = p − q``
@@ -293,79 +493,24 @@ def _value_and_grads(
       ``∂b = (1−α) p ⊙ (⟨p, u⟩ − u)``
     * TV, ``σ = ½ sign(p − q)``: ``∂a = −q ⊙ (σ − ⟨q, σ⟩)``;  ``∂b = p ⊙ (σ − ⟨p, σ⟩)``
 
-    and ``∂z = ∂a / T``. Entries with zero probability are zeroed before any product, so
-    ``-inf`` logits give no ``NaN``. Cross-checked against autograd of
-    :func:`_per_token` by the tests.
+    and ``∂z = ∂a / T``. Terms with zero probability count zero (``0 · log 0 = 0``), so
+    ``-inf`` logits give no ``NaN``. Cross-checked against autograd of :func:`_per_token`
+    by the tests.
     """
     dtype = _compute_dtype(student, teacher)
     temperature = spec.temperature
-    a = student.to(dtype) / temperature
-    b = teacher.to(dtype) / temperature
-    kind = spec.kind
-    if kind == "reverse_kl":
-        a = torch.where(b == -math.inf, b, a)  # renormalise q over the teacher's support
-    log_q = torch.log_softmax(a, dim=-1)
-    log_p = torch.log_softmax(b, dim=-1)
-    del a, b
-    q, p = log_q.exp(), log_p.exp()
-    zero = q.new_zeros(())
-
-    def dot(x: Tensor, y: Tensor) -> Tensor:  # row-wise ⟨x, y⟩, kept as (n, 1)
-        return (x * y).sum(dim=-1, keepdim=True)
-
-    def centred(prob: Tensor, x: Tensor) -> Tensor:  # prob ⊙ (x − ⟨prob, x⟩)
-        return prob * (x - dot(prob, x))
-
-    ga: Tensor | None
-    gb: Tensor | None
-    if kind == "forward_kl":
-        d_p = torch.where(p > 0, log_p - log_q, zero)
-        row = dot(p, d_p)
-        ga = q - p if need_student else None
-        gb = p * (d_p - row) if need_teacher else None
-    elif kind == "reverse_kl":
-        d_q = torch.where(q > 0, log_q - log_p, zero)
-        row = dot(q, d_q)
-        ga = q * (d_q - row) if need_student else None
-        gb = p - q if need_teacher else None
-    elif kind == "jsd":
-        beta = spec.weight
-        log_m = _log_mixture(log_p, log_q, beta)
-        d_p = torch.where(p > 0, log_p - log_m, zero)
-        d_q = torch.where(q > 0, log_q - log_m, zero)
-        kl_p, kl_q = dot(p, d_p), dot(q, d_q)
-        row = beta * kl_p + (1.0 - beta) * kl_q
-        ga = (1.0 - beta) * (q * (d_q - kl_q)) if need_student else None
-        gb = beta * (p * (d_p - kl_p)) if need_teacher else None
-    elif kind == "skew_kl":
-        alpha = spec.weight
-        log_m = _log_mixture(log_p, log_q, alpha)
-        d_p = torch.where(p > 0, log_p - log_m, zero)
-        row = dot(p, d_p)
-        r = torch.where(p > 0, d_p.exp(), zero)  # p / m ≤ 1 / α
-        ga = (1.0 - alpha) * (q * (dot(q, r) - r)) if need_student else None
-        gb = centred(p, d_p - alpha * r) if need_teacher else None
-    elif kind == "skew_reverse_kl":
-        alpha = spec.weight
-        log_m = _log_mixture(log_p, log_q, 1.0 - alpha)
-        d_q = torch.where(q > 0, log_q - log_m, zero)
-        row = dot(q, d_q)
-        u = torch.where(q > 0, d_q.exp(), zero)  # q / m ≤ 1 / α
-        ga = centred(q, d_q - alpha * u) if need_student else None
-        gb = (1.0 - alpha) * (p * (dot(p, u) - u)) if need_teacher else None
-    elif kind == "tv":
-        diff = p - q
-        row = 0.5 * diff.abs().sum(dim=-1, keepdim=True)
-        sigma = 0.5 * torch.sign(diff)
-        ga = -centred(q, sigma) if need_student else None
-        gb = centred(p, sigma) if need_teacher else None
-    else:  # pragma: no cover - _resolve rejects other kinds
-        raise AssertionError(kind)
-    factor = scale / temperature
-    if ga is not None:
-        ga = ga.mul_(factor)  # every ga / gb above is a fresh tensor
-    if gb is not None:
-        gb = gb.mul_(factor)
+    if spec.kind == "reverse_kl":  # renormalise q over the teacher's support
+        student = student.masked_fill(teacher == -math.inf, -math.inf)
+        owned_student = True
+    log_q = _log_probs(student, dtype, temperature, owned_student)  # (n, V)
+    del student
+    log_p = _log_probs(teacher, dtype, temperature, owned_teacher)  # (n, V)
+    del teacher
+    pair = [log_q, log_p]  # handed over: the kind's function holds the only references
+    del log_q, log_p
+    row, ga, gb = _GRADS[spec.kind](
+        pair, spec.weight, need_student, need_teacher, scale / temperature
+    )
     return row.sum(), ga, gb
 
 
@@ -407,22 +552,34 @@ def _chunked(
     scale = 1.0 / normaliser
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
-        if rows is None:
-            idx = None
-            s_c, t_c = student[start:stop], teacher[start:stop]
-        else:
-            idx = rows[start:stop]
-            s_c, t_c = student.index_select(0, idx), teacher.index_select(0, idx)
-        value, g_s, g_t = _value_and_grads(s_c, t_c, spec, need_student, need_teacher, scale)
+        idx = None if rows is None else rows[start:stop]
+        value, g_s, g_t = _value_and_grads(  # chunks passed inline: freed inside once used
+            student[start:stop] if idx is None else student.index_select(0, idx),
+            teacher[start:stop] if idx is None else teacher.index_select(0, idx),
+            spec,
+            need_student,
+            need_teacher,
+            scale,
+            owned_student=idx is not None,
+            owned_teacher=idx is not None,
+        )
         total += value
-        for full, part in ((grad_s, g_s), (grad_t, g_t)):
-            if full is None or part is None:
-                continue
-            if idx is None:
-                full[start:stop] = part
-            else:
-                full.index_copy_(0, idx, part.to(full.dtype))
+        _store_rows(grad_s, g_s, start, stop, idx)
+        _store_rows(grad_t, g_t, start, stop, idx)
+        del g_s, g_t  # before the next chunk allocates
     return total / normaliser, grad_s, grad_t
+
+
+def _store_rows(
+    full: Tensor | None, part: Tensor | None, start: int, stop: int, idx: Tensor | None
+) -> None:
+    """Write a chunk's rows ``part`` into ``full`` (rows ``start:stop``, or ``idx``)."""
+    if full is None or part is None:
+        return
+    if idx is None:
+        full[start:stop] = part
+    else:
+        full.index_copy_(0, idx, part.to(full.dtype))
 
 
 class _ChunkedTokenDivergence(torch.autograd.Function):
@@ -498,6 +655,7 @@ def token_divergence(
     reduction: str = "mean",
     chunk_size: int | None = None,
     allow_padded: bool | None = None,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """Token-level divergence between student and teacher, computed in chunks of tokens.
 
@@ -519,8 +677,13 @@ def token_divergence(
         mask: optional ``(B, T)`` bool (or 0/1 integer, e.g. an attention mask); only True
             tokens count. Combined with ``labels`` by AND.
         reduction: ``"mean"`` over counted tokens (default) or ``"sum"``.
-        chunk_size: tokens per chunk; ``None`` picks ``DEFAULT_CHUNK_ELEMENTS // V``.
+        chunk_size: tokens per chunk (an explicit override); ``None`` derives it from
+            ``chunk_bytes``.
         allow_padded: vocabulary-size rule, see :func:`~kdistill.lm.vocab.shared_vocab_size`.
+        chunk_bytes: working-memory budget of one chunk in bytes (default
+            :data:`DEFAULT_CHUNK_BYTES`, 32 MiB): the rows per chunk are
+            ``chunk_bytes // (w · V · itemsize)`` with ``w`` the kind's number of
+            ``(rows, V)`` compute-dtype tensors alive at once (3 or 4). Not with ``chunk_size``.
 
     Returns:
         0-dim tensor in the compute dtype (float32 for half inputs, float64 for float64).
@@ -534,8 +697,15 @@ def token_divergence(
     """
     spec = _resolve(kind, beta, skew_alpha, temperature)
     _check_reduction(reduction)
+    _check_chunking(chunk_size, chunk_bytes)
     s, t, keep = _prepare(student_logits, teacher_logits, labels, ignore_index, mask, allow_padded)
-    chunk = _chunk_rows(chunk_size, s.shape[-1])
+    chunk = _chunk_rows(
+        chunk_size,
+        s.shape[-1],
+        chunk_bytes=chunk_bytes,
+        working_set=_WORKING_SET[spec.kind],
+        itemsize=_compute_dtype(s, t).itemsize,
+    )
     rows, count = _rows(keep, s.shape[0])
     normaliser = float(max(count, 1)) if reduction == "mean" else 1.0
     if torch.is_grad_enabled() and (s.requires_grad or t.requires_grad):
@@ -590,12 +760,12 @@ class DivergenceSettings(nn.Module):
         reduction: str = "mean",
         chunk_size: int | None = None,
         allow_padded: bool | None = None,
+        chunk_bytes: int | None = None,
     ) -> None:
         super().__init__()
         _resolve(kind, beta, skew_alpha, temperature)
         _check_reduction(reduction)
-        if chunk_size is not None:
-            _chunk_rows(chunk_size, 1)
+        _check_chunking(chunk_size, chunk_bytes)
         self.kind = kind
         self.beta = beta
         self.skew_alpha = skew_alpha
@@ -604,6 +774,7 @@ class DivergenceSettings(nn.Module):
         self.reduction = reduction
         self.chunk_size = chunk_size
         self.allow_padded = allow_padded
+        self.chunk_bytes = chunk_bytes
 
     def extra_repr(self) -> str:
         parts = [f"kind={self.kind!r}"]
@@ -616,6 +787,8 @@ class DivergenceSettings(nn.Module):
             parts.append(f"reduction={self.reduction!r}")
         if self.chunk_size is not None:
             parts.append(f"chunk_size={self.chunk_size}")
+        if self.chunk_bytes is not None:
+            parts.append(f"chunk_bytes={self.chunk_bytes}")
         return ", ".join(parts)
 
 
@@ -645,4 +818,5 @@ class TokenDivergenceLoss(DivergenceSettings):
             reduction=self.reduction,
             chunk_size=self.chunk_size,
             allow_padded=self.allow_padded,
+            chunk_bytes=self.chunk_bytes,
         )

@@ -39,8 +39,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kdistill.lm.divergences import (
+    _WORKING_SET,
     IGNORE_INDEX,
     DivergenceSettings,
+    _check_chunking,
     _check_reduction,
     _chunk_rows,
     _counted,
@@ -60,6 +62,86 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
     return F.linear(x, weight, bias)
+
+
+def _teacher_chunk(
+    logits: Tensor | None,  # (N, V)
+    hidden: Tensor | None,  # (N, Ht)
+    weight: Tensor | None,  # (V, Ht)
+    bias: Tensor | None,  # (V,)
+    start: int,
+    stop: int,
+    idx: Tensor | None,
+) -> Tensor:
+    """The teacher's logits ``(n, V)`` of one chunk: sliced, or projected from its head."""
+    if logits is not None:
+        return logits[start:stop] if idx is None else logits.index_select(0, idx)
+    assert hidden is not None and weight is not None
+    h_c = hidden[start:stop] if idx is None else hidden.index_select(0, idx)
+    return _linear(h_c, weight, bias)
+
+
+def _head_grads(
+    g: Tensor,  # (n, V) ∂ℓ/∂z of the chunk, compute dtype
+    h_c: Tensor,  # (n, H)
+    weight: Tensor,  # (V, H)
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None],  # ∂h (N, H), ∂W, ∂b (f32)
+    start: int,
+    stop: int,
+    idx: Tensor | None,
+) -> None:
+    """Chain ``g`` through ``z = h Wᵀ + b``: ``∂h_c = g W``, ``∂W += gᵀ h_c``, ``∂b += Σ g``.
+
+    ``∂W`` accumulates in the compute dtype with ``addmm_`` (no ``(V, H)`` temporary) when
+    the weight has that dtype, or on a CPU; a half weight on an accelerator multiplies in its
+    own dtype (tensor cores) and adds the ``(V, H)`` product.
+    """
+    grad_h, grad_w, grad_b = grads
+    g_mm = g if g.dtype == weight.dtype else g.to(weight.dtype)  # (n, V)
+    if grad_h is not None:
+        part = g_mm @ weight  # (n, H)
+        if idx is None:
+            grad_h[start:stop] = part
+        else:
+            grad_h.index_copy_(0, idx, part.to(grad_h.dtype))
+    if grad_w is not None:
+        if grad_w.dtype == weight.dtype or weight.device.type == "cpu":
+            grad_w.addmm_(g.T.to(grad_w.dtype), h_c.to(grad_w.dtype))  # (V, H) in place
+        else:
+            grad_w += g_mm.T @ h_c.to(weight.dtype)
+    if grad_b is not None:
+        grad_b += g.sum(dim=0)
+
+
+def _grad_buffers(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    rows: Tensor | None,
+    dtype: torch.dtype,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    grad_h = grad_w = grad_b = None
+    if need_h:
+        grad_h = torch.zeros_like(hidden) if rows is not None else torch.empty_like(hidden)
+    if need_w:
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    if need_b and bias is not None:
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device)
+    return grad_h, grad_w, grad_b
+
+
+def _finish_grads(
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None], weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    grad_h, grad_w, grad_b = grads
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None and bias is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b
 
 
 def _fused(
@@ -84,51 +166,32 @@ def _fused(
     assert teacher_ref is not None
     dtype = _compute_dtype(hidden, weight, teacher_ref)
     total = torch.zeros((), dtype=dtype, device=hidden.device)
-    grad_h = grad_w = grad_b = None
-    if need_h:
-        grad_h = torch.zeros_like(hidden) if rows is not None else torch.empty_like(hidden)
-    if need_w:
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-    if need_b and bias is not None:
-        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device)
-    need_logits = grad_h is not None or grad_w is not None or grad_b is not None
+    grads = _grad_buffers(hidden, weight, bias, rows, dtype, need_h, need_w, need_b)
+    need_logits = any(x is not None for x in grads)
     scale = 1.0 / normaliser
+    teacher_fresh = teacher_logits is None or rows is not None
 
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
         idx = None if rows is None else rows[start:stop]
         h_c = hidden[start:stop] if idx is None else hidden.index_select(0, idx)
-        z_s = _linear(h_c, weight, bias)  # (n, V): the student logits of this chunk only
-        if teacher_logits is not None:
-            z_t = teacher_logits[start:stop] if idx is None else teacher_logits.index_select(0, idx)
-        else:
-            assert teacher_hidden is not None and teacher_weight is not None
-            th_c = (
-                teacher_hidden[start:stop] if idx is None else teacher_hidden.index_select(0, idx)
-            )
-            z_t = _linear(th_c, teacher_weight, teacher_bias)
-        value, g, _ = _value_and_grads(z_s, z_t, spec, need_logits, False, scale)
+        value, g, _ = _value_and_grads(  # logits passed inline: freed inside once used
+            _linear(h_c, weight, bias),  # (n, V): the student logits of this chunk only
+            _teacher_chunk(
+                teacher_logits, teacher_hidden, teacher_weight, teacher_bias, start, stop, idx
+            ),
+            spec,
+            need_logits,
+            False,
+            scale,
+            owned_student=True,
+            owned_teacher=teacher_fresh,
+        )
         total += value
-        del z_s, z_t
-        if g is None:
-            continue
-        g_mm = g.to(weight.dtype)  # (n, V)
-        if grad_h is not None:
-            part = g_mm @ weight  # (n, H)
-            if idx is None:
-                grad_h[start:stop] = part
-            else:
-                grad_h.index_copy_(0, idx, part.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w += g_mm.T @ h_c.to(weight.dtype)  # (V, H), summed in float32
-        if grad_b is not None:
-            grad_b += g.sum(dim=0)
-
-    if grad_w is not None:
-        grad_w = grad_w.to(weight.dtype)
-    if grad_b is not None and bias is not None:
-        grad_b = grad_b.to(bias.dtype)
-    return total / normaliser, grad_h, grad_w, grad_b
+        if g is not None:
+            _head_grads(g, h_c, weight, grads, start, stop, idx)
+        del g, h_c
+    return (total / normaliser, *_finish_grads(grads, weight, bias))
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
@@ -194,6 +257,7 @@ def fused_linear_divergence(
     reduction: str = "mean",
     chunk_size: int | None = None,
     allow_padded: bool | None = None,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """Token divergence of ``student_hidden @ student_weight.T`` vs the teacher, fused.
 
@@ -213,8 +277,10 @@ def fused_linear_divergence(
         student_bias: optional ``(V,)`` ``lm_head`` bias of the student (gets a gradient).
         teacher_bias: optional ``(V_t,)`` bias of the teacher's head.
         beta, skew_alpha, temperature, labels, ignore_index, mask, reduction, chunk_size,
-        allow_padded: as in :func:`~kdistill.lm.divergences.token_divergence`. ``V ≠ V_t``
-            slices the larger head / logits to the shared ids under the vocabulary rule.
+        allow_padded, chunk_bytes: as in :func:`~kdistill.lm.divergences.token_divergence`
+            (the chunk's student and teacher logits are part of the same working set, so
+            ``chunk_bytes`` bounds everything ``(rows, V)``-sized). ``V ≠ V_t`` slices the
+            larger head / logits to the shared ids under the vocabulary rule.
 
     Returns:
         0-dim loss in the compute dtype (at least float32). Gradients flow to
@@ -226,6 +292,7 @@ def fused_linear_divergence(
     """
     spec = _resolve(kind, beta, skew_alpha, temperature)
     _check_reduction(reduction)
+    _check_chunking(chunk_size, chunk_bytes)
     _check_head(student_hidden, student_weight, student_bias, "student")
     leading = student_hidden.shape[:-1]
     has_logits = teacher_logits is not None
@@ -276,7 +343,15 @@ def fused_linear_divergence(
     keep = _counted(leading, labels, ignore_index, mask, student_hidden.device)
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     rows, count = _rows(keep, hidden.shape[0])
-    chunk = _chunk_rows(chunk_size, vocab)
+    teacher_ref = teacher_logits if teacher_logits is not None else teacher_weight
+    assert teacher_ref is not None
+    chunk = _chunk_rows(
+        chunk_size,
+        vocab,
+        chunk_bytes=chunk_bytes,
+        working_set=_WORKING_SET[spec.kind],
+        itemsize=_compute_dtype(hidden, student_weight, teacher_ref).itemsize,
+    )
     normaliser = float(max(count, 1)) if reduction == "mean" else 1.0
     args = (
         hidden,
@@ -338,4 +413,5 @@ class FusedLinearDivergenceLoss(DivergenceSettings):
             reduction=self.reduction,
             chunk_size=self.chunk_size,
             allow_padded=self.allow_padded,
+            chunk_bytes=self.chunk_bytes,
         )
