@@ -55,7 +55,14 @@ __all__ = [
 ]
 
 Example = Mapping[str, Any]
-"""``{"input_ids": list[int], "prompt_length": int (optional, default 0)}``."""
+"""``{"input_ids": list[int], "prompt_length": int (optional, default 0), "loss_mask":
+list[int] (optional)}``.
+
+``loss_mask`` (0/1, one per id, aligned with ``input_ids``) marks the tokens the model is
+trained to *produce*: 1 = token ``t`` is a target (its label sits at position ``t − 1``),
+0 = context only. Chat data sets it to 1 on assistant tokens only
+(:mod:`kdistill.lm.data`); it combines with ``prompt_length`` (both must allow a target).
+"""
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -116,13 +123,17 @@ def pad_right(
 
 
 def causal_lm_labels(
-    input_ids: Tensor, attention_mask: Tensor, prompt_lengths: Tensor | None = None
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_lengths: Tensor | None = None,
+    loss_mask: Tensor | None = None,
 ) -> Tensor:
     """Labels aligned with causal-LM logits: the one place where the shift happens.
 
     ``labels[b, t] = input_ids[b, t + 1]`` when position ``t + 1`` is a real token
     (``attention_mask == 1``) that is not part of the prompt (``t + 1 >=
-    prompt_lengths[b]``), else :data:`IGNORE_INDEX`; the last position is always ignored.
+    prompt_lengths[b]``) and is marked as a target (``loss_mask[b, t + 1] == 1``), else
+    :data:`IGNORE_INDEX`; the last position is always ignored.
     So logits ``(B, T, V)`` at position ``t`` are scored against ``labels[:, t]`` with no
     further shifting (cf. ``logits[:, :-1]`` vs ``input_ids[:, 1:]`` in HF's loss).
 
@@ -131,6 +142,8 @@ def causal_lm_labels(
         attention_mask: ``(B, T)``, 1 on real tokens; each row ``1 … 1 0 … 0``.
         prompt_lengths: ``(B,)`` number of leading prompt tokens of each row (never
             targets); ``None`` = no prompt, every next token counts.
+        loss_mask: ``(B, T)`` 0/1, aligned with ``input_ids``: 1 where the token is a
+            target (e.g. an assistant token of a chat); ``None`` = every token may be.
 
     Returns:
         ``(B, T)`` int64 labels.
@@ -153,6 +166,13 @@ def causal_lm_labels(
     if prompt_lengths is not None:
         target_pos = torch.arange(1, input_ids.shape[1], device=input_ids.device)  # (T-1,)
         valid &= target_pos[None, :] >= prompt_lengths.to(input_ids.device)[:, None]
+    if loss_mask is not None:
+        if loss_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"loss_mask {tuple(loss_mask.shape)} must have the shape of input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        valid &= loss_mask[:, 1:].to(input_ids.device).bool()  # (B, T-1): target is counted
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = torch.where(valid, input_ids[:, 1:], IGNORE_INDEX)
     return labels
@@ -169,7 +189,9 @@ class CausalLMCollator:
             keeps everything.
 
     ``collator(examples)`` → ``{"inputs": {"input_ids", "attention_mask"}, "target":
-    labels, "prompt_lengths": (B,)}`` with labels from :func:`causal_lm_labels`.
+    labels, "prompt_lengths": (B,)}`` with labels from :func:`causal_lm_labels`. An
+    example's optional ``loss_mask`` (see :data:`Example`) is truncated with its ids and
+    masks the labels of its 0 tokens; examples without one count every token.
     """
 
     pad_token_id: int
@@ -182,7 +204,7 @@ class CausalLMCollator:
             )
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
-        seqs, prompts = [], []
+        seqs, prompts, masks = [], [], []
         for i, example in enumerate(examples):
             ids = list(example["input_ids"])
             prompt = int(example.get("prompt_length", 0))
@@ -190,15 +212,26 @@ class CausalLMCollator:
                 raise ValueError(
                     f"example {i}: prompt_length {prompt} is outside [0, {len(ids)}] (its length)"
                 )
+            given = example.get("loss_mask")
+            mask = [1] * len(ids) if given is None else [int(m) for m in given]
+            if len(mask) != len(ids) or not set(mask) <= {0, 1}:
+                raise ValueError(
+                    f"example {i}: loss_mask must be {len(ids)} values 0/1 (one per input id), "
+                    f"got {len(mask)} values {sorted(set(mask))[:4]}"
+                )
             if self.max_length is not None:
-                ids = ids[: self.max_length]
+                ids, mask = ids[: self.max_length], mask[: self.max_length]
             seqs.append(ids)
             prompts.append(min(prompt, len(ids)))
+            masks.append(mask)
         input_ids, attention_mask = pad_right(seqs, self.pad_token_id)
         prompt_lengths = torch.tensor(prompts, dtype=torch.long)
+        loss_mask = None
+        if any(example.get("loss_mask") is not None for example in examples):
+            loss_mask, _ = pad_right(masks, 0)  # (B, T): padding is never a target
         return {
             "inputs": {"input_ids": input_ids, "attention_mask": attention_mask},
-            "target": causal_lm_labels(input_ids, attention_mask, prompt_lengths),
+            "target": causal_lm_labels(input_ids, attention_mask, prompt_lengths, loss_mask),
             "prompt_lengths": prompt_lengths,
         }
 
