@@ -50,6 +50,43 @@ def _lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from kdistill.serve.client import EndpointUnavailable
+    from kdistill.serve.config import load_generate_config
+    from kdistill.serve.generate import run_generate
+
+    try:
+        result = run_generate(load_generate_config(args.config, args.set))
+    except EndpointUnavailable as err:
+        print(f"kdistill: error: {err}", file=sys.stderr)
+        return 1
+    note = f"; cut a torn last line ({result.truncated_bytes} B)" if result.truncated_bytes else ""
+    print(
+        f"{result.samples_written} samples written, {result.samples_skipped} already there, "
+        f"for {result.prompts} prompts in {result.seconds:.1f} s ({result.requests} requests, "
+        f"{result.retries} retries, {result.tokens_out} tokens out, "
+        f"{result.tokens_per_second:.1f} tokens/s){note} -> {result.output}"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kdistill.serve.server import serve
+
+    serve(
+        args.model_dir,
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_logprobs=args.max_logprobs,
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from kdistill.demo import run_demo
 
@@ -180,6 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
     )
     lm.set_defaults(func=_lm)
+
+    generate = sub.add_parser(
+        "generate", help="teacher completions + top-k logprobs from an OpenAI-compatible server"
+    )
+    generate.add_argument("config", help="a generate YAML file (see kdistill.serve.config)")
+    generate.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set sampling.n=4 (repeatable)",
+    )
+    generate.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server for a local HF causal LM")
+    serve.add_argument("model_dir", help="a Hugging Face model folder (config.json, tokenizer)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", default=None, help="the model's name (default: the folder's)")
+    serve.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0")
+    serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    serve.add_argument("--max-batch", type=int, default=32, help="sequences per batch at most")
+    serve.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests"
+    )
+    serve.add_argument("--max-logprobs", type=int, default=64, help="largest top-k served")
+    serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="teacher vs student with and without KD on Fashion-MNIST")
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke run on a subset")

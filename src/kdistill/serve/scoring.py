@@ -1,0 +1,374 @@
+"""Teacher-forced scoring of given text by a served teacher, with an alignment self-check.
+
+To fill a top-k teacher cache (:mod:`kdistill.cache`) from a server, each training text is
+sent to ``/v1/completions`` and the server returns, for every position ``t`` of the text,
+the teacher's top-k log-probabilities of the token at ``t`` given tokens ``< t``:
+
+* ``prompt_logprobs: k`` (vLLM, ``kdistill serve``): per position ``{id: {logprob, rank,
+  decoded_token}}``, keyed by id — used when the texts are sent as token ids;
+* ``echo: true, logprobs: k, max_tokens: 0`` (OpenAI legacy, vLLM, llama.cpp,
+  ``kdistill serve``): ``logprobs.tokens`` / ``top_logprobs`` over the echoed prompt, keyed
+  by token text (or ``token_id:N`` with ``return_tokens_as_token_ids``).
+
+**Alignment.** The correct row of position ``t`` is the distribution *predicting* token
+``t`` (from the context ``< t``); position 0 has none. llama.cpp's server returns, at
+position ``t``, the distribution predicting token ``t + 1`` — a student distilled on that
+learns every target one step late. :func:`check_alignment` tells the two apart without
+trusting the model to be any good (it works for a random model): it asks for the greedy
+next token ``g`` after a counting prompt ``P`` (with its top-k row ``d`` — the distribution
+after ``P``), then scores ``P`` and ``P + g``: an aligned server shows ``d`` at the
+position of ``g`` in ``P + g``; a shifted one shows ``d`` at the last position of ``P``.
+:func:`score_texts` refuses a shifted server (:class:`MisalignedServerError`) unless
+``on_shift="correct"``, which moves every row one position later and says so (a warning).
+A server that returns no prompt log-probabilities at all raises :class:`ScoringUnsupported`,
+pointing to ``kdistill generate`` + sequence-level KD.
+
+:func:`topk_rows` turns scored positions into the cache's top-k layout (row ``t`` predicts
+token ``t + 1``, as the logits of a causal LM at ``t``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from kdistill.config import ConfigError
+from kdistill.serve.client import EndpointRejected, OpenAIClient, TokenLogprob, TopToken
+from kdistill.serve.tokens import AMBIGUOUS, TokenizerMismatch, TokenMap
+
+__all__ = [
+    "COUNTING_PROMPT",
+    "REST_FLOOR",
+    "Alignment",
+    "MisalignedServerError",
+    "ScoredText",
+    "ScoringUnsupported",
+    "check_alignment",
+    "placeholder_rows",
+    "rest_log_mass",
+    "score_texts",
+    "score_texts_sync",
+    "topk_row",
+    "topk_rows",
+]
+
+COUNTING_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
+REST_FLOOR = math.log(1e-10)
+"""Log-mass outside the top-k when the returned top-k already sums to 1 (rounding)."""
+MATCH_TOLERANCE = 0.05  # nats: mean |Δ log p| over the shared tokens of two rows
+
+
+class ScoringUnsupported(ConfigError):
+    """The server cannot return log-probabilities of given text."""
+
+
+class MisalignedServerError(ConfigError):
+    """The server's echoed prompt log-probabilities are shifted by one position."""
+
+
+Alignment = Literal["aligned", "shifted"]
+
+
+@dataclass
+class ScoredText:
+    """Per position ``t`` of a scored text: its token, and the top-k row predicting it
+    (``tokens[t].top``; empty at ``t = 0``). ``corrected``: rows were moved one position
+    later because the server shifts them."""
+
+    tokens: list[TokenLogprob]
+    corrected: bool = False
+
+
+def _row_distance(a: Sequence[TopToken], b: Sequence[TopToken]) -> float:
+    """Mean |Δ log p| over the tokens two rows share; ``inf`` if they share too few."""
+    da, db = {t.token: t.logprob for t in a}, {t.token: t.logprob for t in b}
+    shared = set(da) & set(db)
+    if not shared or len(shared) < min(len(da), len(db)) / 2:
+        return math.inf
+    return sum(abs(da[t] - db[t]) for t in shared) / len(shared)
+
+
+async def _echo(
+    client: OpenAIClient, model: str, prompt: str | list[int], k: int, as_ids: bool
+) -> tuple[list[TokenLogprob], int | None]:
+    """The echoed prompt tokens (with their rows as the server gives them)."""
+    base = {"model": model, "prompt": prompt, "echo": True, "logprobs": k, "temperature": 0.0}
+    if as_ids:
+        base["return_tokens_as_token_ids"] = True
+    try:
+        choices, body = await client.completions({**base, "max_tokens": 0})
+    except EndpointRejected:  # some servers want max_tokens >= 1: drop the generated token
+        choices, body = await client.completions({**base, "max_tokens": 1})
+    tokens = choices[0].tokens if choices else None
+    if not tokens:
+        raise ScoringUnsupported(
+            f"{client.base_url}: /completions with echo + logprobs returned no prompt "
+            "log-probabilities, so this server cannot score given text; distil from it with "
+            "`kdistill generate` and sequence-level KD on the generated file instead"
+        )
+    prompt_tokens = (body.get("usage") or {}).get("prompt_tokens")
+    return tokens, prompt_tokens
+
+
+def _cut(
+    tokens: list[TokenLogprob], prompt: str | list[int], prompt_tokens: int | None
+) -> list[TokenLogprob]:
+    """The echoed tokens of the prompt only (a server may append a generated one)."""
+    if isinstance(prompt, list):
+        return tokens[: len(prompt)]
+    if prompt_tokens is not None and 0 < prompt_tokens <= len(tokens):
+        return tokens[:prompt_tokens]
+    out, length = [], 0
+    for token in tokens:
+        if length >= len(prompt):
+            break
+        out.append(token)
+        length += len(token.token)
+    return out
+
+
+async def check_alignment(client: OpenAIClient, model: str, k: int = 5) -> Alignment:
+    """``"aligned"`` or ``"shifted"`` echo rows (see the module docstring); raises
+    :class:`MisalignedServerError` when neither matches (an unknown convention)."""
+    choices, _ = await client.completions(
+        {"model": model, "prompt": COUNTING_PROMPT, "max_tokens": 1, "temperature": 0.0,
+         "logprobs": k}
+    )  # fmt: skip
+    if not choices or not choices[0].tokens or not choices[0].tokens[0].top:
+        raise ScoringUnsupported(
+            f"{client.base_url}: /completions returned no logprobs for a generated token; "
+            "this server cannot be checked or used for token-level scoring — use `kdistill "
+            "generate` + sequence-level KD instead"
+        )
+    generated = choices[0].tokens[0]
+    after_prompt = generated.top  # the distribution after P, by construction
+    alone, used = await _echo(client, model, COUNTING_PROMPT, k, as_ids=False)
+    alone = _cut(alone, COUNTING_PROMPT, used)
+    extended_text = COUNTING_PROMPT + generated.token
+    extended, used = await _echo(client, model, extended_text, k, as_ids=False)
+    extended = _cut(extended, extended_text, used)
+    aligned = math.inf
+    offset = 0
+    for token in extended:
+        if offset == len(COUNTING_PROMPT):  # the token that starts at g
+            aligned = _row_distance(token.top, after_prompt)
+            break
+        offset += len(token.token)
+    shifted = _row_distance(alone[-1].top, after_prompt) if alone else math.inf
+    if aligned <= MATCH_TOLERANCE and not shifted <= MATCH_TOLERANCE:
+        return "aligned"
+    if shifted <= MATCH_TOLERANCE and not aligned <= MATCH_TOLERANCE:
+        return "shifted"
+    raise MisalignedServerError(
+        f"{client.base_url}: cannot tell which position the echoed prompt log-probabilities "
+        f"belong to (distance to the generated token's row: aligned {aligned:.3g}, shifted "
+        f"{shifted:.3g} nats); refusing to distil from them. Use `kdistill generate` + "
+        "sequence-level KD, or a server that scores prompts correctly (vLLM, kdistill serve)"
+    )
+
+
+def _shift_later(tokens: list[TokenLogprob]) -> list[TokenLogprob]:
+    """Row of position t := the server's row t − 1 (the distribution that predicts t)."""
+    out = [TokenLogprob(tokens[0].token, None, tokens[0].bytes, tokens[0].id, ())]
+    for prev, token in itertools.pairwise(tokens):
+        top = prev.top
+        lp = next((t.logprob for t in top if t.token == token.token), None)
+        out.append(TokenLogprob(token.token, lp, token.bytes, token.id, top))
+    return out
+
+
+def _from_prompt_logprobs(ids: list[int], rows: list[Any], k: int) -> list[TokenLogprob]:
+    tokens = []
+    for t, token_id in enumerate(ids):
+        row = rows[t] if t < len(rows) else None
+        if t == 0 or row is None:
+            tokens.append(TokenLogprob(f"token_id:{token_id}", None, id=token_id))
+            continue
+        entries = sorted(
+            ((int(i), float(v["logprob"])) for i, v in row.items()), key=lambda e: -e[1]
+        )[: k + 1]
+        mine = row.get(str(token_id))
+        tokens.append(
+            TokenLogprob(
+                f"token_id:{token_id}",
+                None if mine is None else float(mine["logprob"]),
+                id=token_id,
+                top=tuple(TopToken(f"token_id:{i}", v, id=i) for i, v in entries),
+            )
+        )
+    return tokens
+
+
+async def score_texts(
+    client: OpenAIClient,
+    model: str,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    k: int,
+    *,
+    method: Literal["auto", "prompt_logprobs", "echo"] = "auto",
+    on_shift: Literal["refuse", "correct"] = "refuse",
+) -> list[ScoredText]:
+    """Score every text (a string, or token ids of the teacher's tokenizer) at every position.
+
+    Runs :func:`check_alignment` first whenever the echo method is used. Requests go out
+    concurrently (bounded by the client).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    as_ids = bool(texts) and not isinstance(texts[0], str)
+    use_prompt_logprobs = method == "prompt_logprobs" or (method == "auto" and as_ids)
+    if use_prompt_logprobs:
+        if not as_ids:
+            raise ValueError("prompt_logprobs scoring needs token ids (ids identify the rows)")
+        first = await _prompt_logprobs(client, model, list(texts[0]), k)  # type: ignore[arg-type]
+        if first is not None:
+            rest = await asyncio.gather(
+                *[_prompt_logprobs(client, model, list(t), k) for t in texts[1:]]  # type: ignore[arg-type]
+            )
+            return [ScoredText(s) for s in [first, *rest] if s is not None]
+        if method == "prompt_logprobs":
+            raise ScoringUnsupported(
+                f"{client.base_url}: the server ignores prompt_logprobs; use method: echo"
+            )
+    alignment = await check_alignment(client, model, min(k, 5))
+    if alignment == "shifted" and on_shift == "refuse":
+        raise MisalignedServerError(
+            f"{client.base_url}: this server's echoed prompt log-probabilities are shifted by "
+            "one position (the row of token t is the distribution predicting token t + 1, as "
+            "llama.cpp's server does); distilling them would train on shifted targets. Set "
+            "distill.teacher.on_shift: correct to move them back, or use vLLM / kdistill serve"
+        )
+    if alignment == "shifted":
+        warnings.warn(
+            f"{client.base_url}: echoed prompt log-probabilities are shifted by one position; "
+            "correcting them (row t := the server's row t − 1)",
+            stacklevel=2,
+        )
+
+    async def one(text: str | Sequence[int]) -> ScoredText:
+        prompt: str | list[int] = text if isinstance(text, str) else list(text)
+        tokens, used = await _echo(client, model, prompt, k, as_ids)
+        tokens = _cut(tokens, prompt, used)
+        if alignment == "shifted":
+            return ScoredText(_shift_later(tokens), corrected=True)
+        first = TokenLogprob(tokens[0].token, None, tokens[0].bytes, tokens[0].id)
+        return ScoredText([first, *tokens[1:]])  # position 0 has no context: no row
+
+    return list(await asyncio.gather(*[one(t) for t in texts]))
+
+
+async def _prompt_logprobs(
+    client: OpenAIClient, model: str, ids: list[int], k: int
+) -> list[TokenLogprob] | None:
+    choices, _ = await client.completions(
+        {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+    )
+    rows = choices[0].extra.get("prompt_logprobs") if choices else None
+    if rows is None:
+        return None
+    return _from_prompt_logprobs(ids, rows, k)
+
+
+def score_texts_sync(
+    client_factory: Any,
+    model: str,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    k: int,
+    **kwargs: Any,
+) -> list[ScoredText]:
+    """:func:`score_texts` from synchronous code; ``client_factory()`` makes the client
+    (e.g. ``TeacherEndpointConfig.client``), closed at the end."""
+
+    async def run() -> list[ScoredText]:
+        async with client_factory() as client:
+            return await score_texts(client, model, texts, k, **kwargs)
+
+    return asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- top-k layout
+
+
+def rest_log_mass(values: Tensor) -> Tensor:
+    """``log(1 − Σ exp(values))`` over the last dim, computed as ``log(−expm1(lse))``
+    (accurate when the top-k hold almost all the mass), floored at :data:`REST_FLOOR`."""
+    lse = torch.logsumexp(values.double(), dim=-1)  # (...)
+    rest = torch.log(-torch.expm1(lse.clamp(max=0.0)))
+    return rest.clamp(min=REST_FLOOR).float()
+
+
+def placeholder_rows(rows: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Valid rows for positions with no teacher row (labels there must be ignored): the
+    uniform distribution over ``k + 1`` buckets on ids ``0 … k − 1`` and the rest."""
+    value = -math.log(k + 1)
+    return (
+        torch.full((rows, k), value),
+        torch.arange(k).expand(rows, k).clone(),
+        torch.full((rows,), value),
+    )
+
+
+def topk_row(
+    top: Sequence[TopToken], k: int, token_map: TokenMap
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One top row → ``values (k)``, ``indices (k)``, ``rest ()``, ambiguous-token count.
+
+    The ``k`` largest entries with a student id are kept, in decreasing order; an ambiguous
+    token's mass stays in the rest; missing columns get ``−inf`` on ids not in the row.
+    """
+    ids_values: dict[int, float] = {}
+    ambiguous = 0
+    for entry in top:
+        token_id = token_map.lookup(entry.token, entry.bytes, entry.id)
+        if token_id == AMBIGUOUS:
+            ambiguous += 1
+            continue
+        ids_values[token_id] = max(ids_values.get(token_id, -math.inf), entry.logprob)
+    kept = sorted(ids_values.items(), key=lambda e: -e[1])[:k]
+    values = torch.tensor([v for _, v in kept], dtype=torch.float64)
+    rest = rest_log_mass(values) if kept else torch.tensor(0.0)
+    used = {i for i, _ in kept}
+    filler = (i for i in range(len(token_map.table)) if i not in used)
+    ids = [i for i, _ in kept] + [next(filler) for _ in range(k - len(kept))]
+    full = torch.cat([values.float(), torch.full((k - len(kept),), -math.inf)])
+    return full, torch.tensor(ids), rest, ambiguous
+
+
+def topk_rows(
+    scored: ScoredText, k: int, token_map: TokenMap
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """The cache's top-k layout of a scored text of ``T`` tokens.
+
+    Returns ``values (T, k)``, ``indices (T, k)`` int64, ``rest_log_mass (T,)`` where row
+    ``t`` is the distribution predicting token ``t + 1`` (the server's row of position
+    ``t + 1``); the last row, which predicts past the text, is a placeholder
+    (:func:`placeholder_rows`). Also the text's token ids in the student's vocabulary.
+    Raises :class:`~kdistill.config.ConfigError` when a token is not the student's.
+    """
+    tokens = scored.tokens
+    try:
+        ids = [token_map.lookup(t.token, t.bytes, t.id) for t in tokens]
+        values, indices, rest = placeholder_rows(len(tokens), k)
+        for t in range(len(tokens) - 1):
+            v, i, r, _ = topk_row(tokens[t + 1].top, k, token_map)
+            values[t], indices[t], rest[t] = v, i, r
+    except TokenizerMismatch as err:
+        raise ConfigError(
+            f"distill.teacher: {err}; the teacher's and the student's tokenizers differ, so "
+            "token-level KD from this server is impossible here — use sequence-level KD "
+            "(kdistill generate + data.generated_file) or a student with the teacher's tokenizer"
+        ) from None
+    if AMBIGUOUS in ids:
+        raise ConfigError(
+            "distill.teacher: a scored token's text matches several student ids (a partial "
+            "UTF-8 byte); send the texts as token ids, or use a server that returns bytes"
+        )
+    return values, indices, rest, ids
