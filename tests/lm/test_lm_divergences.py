@@ -584,3 +584,127 @@ def test_finite_non_negative_and_equal_to_reference_for_random_inputs(
     )
     loss.backward()
     assert torch.isfinite(s.grad).all()
+
+
+# --------------------------------------------------------------------------- memory budget
+
+from live_tensor_memory import PeakTensorBytes  # noqa: E402  (tests/lm helper)
+
+from kdistill.lm.divergences import (  # noqa: E402
+    _WORKING_SET,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CHUNK_ELEMENTS,
+    _chunk_rows,
+)
+
+
+def test_default_chunk_comes_from_a_32_mib_budget_not_a_fixed_row_count() -> None:
+    """Issue 18: at V = 49,152 the old default (341 rows) held almost a whole 4 × 128 batch."""
+    assert DEFAULT_CHUNK_BYTES == 32 * 2**20
+    assert DEFAULT_CHUNK_ELEMENTS // 49152 == 341  # the old default, for reference
+    assert _chunk_rows(None, 49152, working_set=_WORKING_SET["jsd"]) == 42  # 32 MiB / (4·V·4 B)
+    assert _chunk_rows(None, 49152, working_set=3.5) == 48
+    assert _chunk_rows(None, 151936, working_set=4.0) == 13
+    assert _chunk_rows(None, 49152, working_set=4.0, itemsize=8) == 21  # float64 halves it
+    assert _chunk_rows(None, 49152, chunk_bytes=1 << 20, working_set=4.0) == 1  # at least 1
+    assert _chunk_rows(None, 10, chunk_bytes=1 << 30, working_set=4.0) == (1 << 30) // 160
+    assert _chunk_rows(7, 49152, working_set=4.0) == 7  # chunk_size overrides
+
+
+def _peak_working_bytes(kind: str, *, n: int, v: int, chunk_bytes: int, **kwargs) -> int:
+    """Peak bytes created by forward-with-grad, minus the stored (N, V) gradients."""
+    dtype = kwargs.pop("dtype", torch.float32)
+    teacher_grad = kwargs.pop("teacher_grad", False)
+    s, t = _pair((n, v), seed=40, dtype=torch.float32)
+    s, t = s.to(dtype).requires_grad_(), t.to(dtype).requires_grad_(teacher_grad)
+    with PeakTensorBytes() as memory:
+        loss = token_divergence(s, t, kind, chunk_bytes=chunk_bytes, **kwargs)
+    loss.backward()
+    stored = s.numel() * s.element_size() * (2 if teacher_grad else 1)
+    return memory.peak - stored
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {},
+        {"temperature": 2.0},
+        {"dtype": torch.bfloat16, "temperature": 2.0},
+        {"labels": "some ignored"},
+        {"dtype": torch.bfloat16, "labels": "some ignored", "temperature": 0.5},
+        {"teacher_grad": True, "temperature": 2.0},
+        {"teacher_grad": True, "labels": "some ignored", "beta": 0.3, "skew_alpha": 0.2},
+    ],
+    ids=["plain", "T2", "bf16_T2", "labels", "bf16_labels_T05", "teacher_grad", "teacher_labels"],
+)
+@pytest.mark.parametrize("kind", KINDS)
+def test_working_memory_beyond_the_stored_gradient_stays_within_chunk_bytes(
+    kind: str, case: dict
+) -> None:
+    """Every (rows, V) float32 temporary of a chunk counts against the budget."""
+    n, v = 48, 1024
+    budget = 4 * 8 * v * 4  # 8 rows at the largest working set (4)
+    kwargs = dict(case)
+    if kwargs.get("labels"):
+        labels = torch.arange(n) % 5
+        labels[::3] = -100
+        kwargs["labels"] = labels
+    peak = _peak_working_bytes(kind, n=n, v=v, chunk_bytes=budget, **kwargs)
+    slack = 64 * n * 8  # (N,) index / mask / per-row vectors
+    assert peak <= budget + slack, (kind, case, peak / (v * 4 * 8))
+    # and it does act: one chunk over all the counted rows needs far more
+    whole = _peak_working_bytes(kind, n=n, v=v, chunk_bytes=64 * n * v * 4, **kwargs)
+    assert whole > 2.5 * budget
+
+
+def test_working_set_table_is_tight_for_float32_jsd() -> None:
+    """The budget is not padded: JSD really holds 4 (rows, V) float32 tensors at its peak."""
+    n, v = 32, 2048
+    peak = _peak_working_bytes("jsd", n=n, v=v, chunk_bytes=4 * n * v * 4, beta=0.3)
+    assert 3.5 * n * v * 4 < peak <= 4 * n * v * 4 + 64 * n * 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_bytes_equals_the_same_chunk_size_values_and_grads(kind: str) -> None:
+    n, v = 30, 64
+    budget = 7 * v * 8 * int(_WORKING_SET[kind] * 2) // 2  # float64: 7 rows
+    s, t = _pair((n, v), seed=41)
+    labels = torch.arange(n) % 4
+    labels[2::5] = -100
+    rows = _chunk_rows(None, v, chunk_bytes=budget, working_set=_WORKING_SET[kind], itemsize=8)
+    assert rows == 7
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    by_bytes = token_divergence(s1, t, kind, labels=labels, chunk_bytes=budget)
+    by_rows = token_divergence(s2, t, kind, labels=labels, chunk_size=rows)
+    by_bytes.backward()
+    by_rows.backward()
+    assert torch.equal(by_bytes, by_rows)
+    assert torch.equal(s1.grad, s2.grad)
+    torch.testing.assert_close(by_bytes, token_divergence_reference(s, t, kind, labels=labels))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"chunk_bytes": 0}, r"chunk_bytes must be a positive int \(bytes of working memory\)"),
+        ({"chunk_bytes": 1.5e6}, "chunk_bytes must be a positive int"),
+        ({"chunk_bytes": True}, "chunk_bytes must be a positive int"),
+        (
+            {"chunk_size": 8, "chunk_bytes": 1 << 20},
+            r"give chunk_size .* or chunk_bytes .* not both",
+        ),
+    ],
+)
+def test_rejects_bad_chunk_bytes_and_both_chunk_settings(kwargs: dict, pattern: str) -> None:
+    s, t = _pair((4, 6))
+    with pytest.raises(ValueError, match=pattern):
+        token_divergence(s, t, **kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        TokenDivergenceLoss(**kwargs)
+
+
+def test_module_passes_chunk_bytes_and_shows_it() -> None:
+    loss = TokenDivergenceLoss("jsd", chunk_bytes=1 << 20)
+    assert "chunk_bytes=1048576" in repr(loss)
+    s, t = _pair((3, 5, 7), seed=42)
+    torch.testing.assert_close(loss(s, t), token_divergence(s, t, "jsd", chunk_bytes=1 << 20))
