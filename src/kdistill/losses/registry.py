@@ -37,3 +37,9 @@ LOSSES.add("crd", CRDLoss)
 LOSSES.add(
     "token_divergence", TokenDivergenceLoss
 )  # LM token-level KD, chunked over tokens  # student_dim, teacher_dim, num_samples filled in from a dry run
+# dense prediction (detection / segmentation): kdistill.losses.dense
+LOSSES.add("cwd", "kdistill.losses.dense:ChannelWiseDistillationLoss")
+LOSSES.add("pkd", "kdistill.losses.dense:PearsonFeatureLoss")
+LOSSES.add("pixel_kd", "kdistill.losses.dense:PixelKDLoss")
+LOSSES.add("heatmap_kd", "kdistill.losses.dense:HeatmapKDLoss")
+LOSSES.add("box_kd", "kdistill.losses.dense:BoxKDLoss")
