@@ -255,7 +255,8 @@ async def score_texts(
 
     async def one(text: str | Sequence[int]) -> ScoredText:
         prompt: str | list[int] = text if isinstance(text, str) else list(text)
-        tokens, used = await _echo(client, model, prompt, k, as_ids)
+        # ids where the server can (vLLM, kdistill serve): texts of partial UTF-8 tokens collide
+        tokens, used = await _echo(client, model, prompt, k, as_ids=True)
         tokens = _cut(tokens, prompt, used)
         if alignment == "shifted":
             return ScoredText(_shift_later(tokens), corrected=True)
