@@ -348,3 +348,300 @@ def test_fused_module_equals_function() -> None:
         ),
     )
     assert "beta=0.7" in repr(module)
+
+
+# --------------------------------------------------------------------------- teacher head path
+
+from live_tensor_memory import PeakTensorBytes  # noqa: E402  (tests/lm helper)
+
+from kdistill.cache import topk_log_probs  # noqa: E402
+from kdistill.lm.divergences import _WORKING_SET  # noqa: E402
+from kdistill.lm.fused import (  # noqa: E402
+    FusedTopKDivergenceLoss,
+    fused_topk_divergence,
+)
+
+try:  # the top-k maths moved from kdistill.cache to kdistill.lm.topk
+    from kdistill.lm.topk import topk_divergence
+except ImportError:  # pragma: no cover - before the move
+    from kdistill.cache import topk_divergence  # type: ignore[attr-defined,no-redef]
+
+LABELS = torch.tensor([[1, -100, 3, 4, 0], [2, 2, -100, -100, 5]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_head_path_equals_the_reference_with_ignored_tokens_values_and_grads(
+    kind: str,
+) -> None:
+    """Teacher logits computed chunk by chunk from (hidden, W_t, b_t) == the plain loss."""
+    x = _setup(seed=30)
+    kwargs = {"labels": LABELS, "temperature": 1.7, "beta": 0.4, "skew_alpha": 0.2}
+    h, w, b = _leaves(x["h"], x["w"], x["b"])
+    fused = fused_linear_divergence(
+        h,
+        w,
+        kind=kind,
+        student_bias=b,
+        teacher_hidden=x["th"],
+        teacher_weight=x["tw"],
+        teacher_bias=x["tb"],
+        chunk_size=2,
+        **kwargs,
+    )
+    fused.backward()
+    h2, w2, b2 = _leaves(x["h"], x["w"], x["b"])
+    plain = token_divergence_reference(
+        F.linear(h2, w2, b2), F.linear(x["th"], x["tw"], x["tb"]), kind, **kwargs
+    )
+    plain.backward()
+    torch.testing.assert_close(fused, plain)
+    for got, want in ((h, h2), (w, w2), (b, b2)):
+        torch.testing.assert_close(got.grad, want.grad)
+    assert torch.equal(h.grad[LABELS == -100], torch.zeros(3, 6, dtype=torch.float64))
+
+
+def test_teacher_head_path_under_cpu_bfloat16_autocast_matches_the_plain_path() -> None:
+    """bf16 autocast on CPU: both paths project in bf16 and compute the loss in float32.
+
+    Stated tolerance, fused vs plain (both under autocast): loss to 1e-6 relative (the same
+    bf16 logits), gradients to 1 % of their largest entry (measured ≤ 0.5 % over 4 seeds:
+    the plain path stores dL/dz in bf16 and multiplies in bf16, the fused one keeps dL/dz and
+    accumulates dL/dW in float32). Against float32 without autocast both paths are off by
+    the bf16 rounding of the logits, ≤ 5 % of the largest entry (measured ≤ 3.3 %), the
+    fused path no further than the plain one.
+    """
+    x = _setup(
+        n_shape=(4, 16), hidden=32, vocab=96, teacher_hidden=24, seed=32, dtype=torch.float32
+    )
+    labels = torch.arange(64).reshape(4, 16) % 7
+    labels[:, :3] = -100
+    teacher = {"teacher_hidden": x["th"], "teacher_weight": x["tw"], "teacher_bias": x["tb"]}
+    h, w, b = _leaves(x["h"], x["w"], x["b"])
+    h2, w2, b2 = _leaves(x["h"], x["w"], x["b"])
+    h3, w3, b3 = _leaves(x["h"], x["w"], x["b"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = fused_linear_divergence(
+            h, w, kind="jsd", student_bias=b, labels=labels, chunk_size=10, **teacher
+        )
+        with torch.no_grad():
+            t_logits = F.linear(x["th"], x["tw"], x["tb"])
+        student_logits = F.linear(h2, w2, b2)
+        assert student_logits.dtype == t_logits.dtype == torch.bfloat16
+        plain = token_divergence(student_logits, t_logits, "jsd", labels=labels)
+    fused.backward()
+    plain.backward()
+    exact = token_divergence_reference(
+        F.linear(h3, w3, b3), F.linear(x["th"], x["tw"], x["tb"]), "jsd", labels=labels
+    )
+    exact.backward()
+    assert fused.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused, exact, rtol=2e-3, atol=0)
+    for got, want, ref in ((h, h2, h3), (w, w2, w3), (b, b2, b3)):
+        assert got.grad.dtype == torch.float32
+        top = ref.grad.abs().max().item()
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-2 * top)
+        off_fused = (got.grad - ref.grad).abs().max().item()
+        off_plain = (want.grad - ref.grad).abs().max().item()
+        assert off_fused <= 5e-2 * top and off_fused <= 1.1 * off_plain
+
+
+def _fused_peak(fn, n: int, hid: int, v: int) -> int:
+    """Peak bytes created by ``fn()`` (forward with grad) minus the stored ∂h and ∂W."""
+    with PeakTensorBytes() as memory:
+        loss = fn()
+    loss.backward()
+    return memory.peak - (n * hid + v * hid) * 4
+
+
+@pytest.mark.parametrize("teacher_form", ["logits", "head"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_working_memory_stays_within_chunk_bytes(kind: str, teacher_form: str) -> None:
+    n, hid, v, th = 48, 8, 1024, 6
+    g = _gen(32)
+    h = torch.randn(n, hid, generator=g, requires_grad=True)
+    w = torch.randn(v, hid, generator=g, requires_grad=True)
+    t_hidden, t_weight = torch.randn(n, th, generator=g), torch.randn(v, th, generator=g)
+    teacher = (
+        {"teacher_logits": t_hidden @ t_weight.T}
+        if teacher_form == "logits"
+        else {"teacher_hidden": t_hidden, "teacher_weight": t_weight}
+    )
+    labels = torch.arange(n) % 5
+    labels[::4] = -100
+    budget = 4 * 6 * v * 4
+    peak = _fused_peak(
+        lambda: fused_linear_divergence(
+            h, w, kind=kind, labels=labels, temperature=2.0, chunk_bytes=budget, **teacher
+        ),
+        n,
+        hid,
+        v,
+    )
+    assert peak <= budget + 64 * n * 8 + 4 * n * hid * 4, (kind, peak / (6 * v * 4))
+    rows = int(budget // (_WORKING_SET[kind] * v * 4))
+    assert rows >= 6
+
+
+# --------------------------------------------------------------------------- fused top-k
+
+
+def _topk_setup(k: int, seed: int, dtype: torch.dtype = torch.float64):
+    x = _setup(seed=seed, dtype=dtype)
+    values, indices, rest = topk_log_probs(F.linear(x["th"], x["tw"], x["tb"]), k)
+    return x, values, indices, rest
+
+
+@pytest.mark.parametrize(
+    ("k", "temperature", "chunk_size"),
+    [(4, 1.0, 3), (4, 1.6, None), (1, 1.0, 2), (10, 0.7, 4), (11, 1.0, 3), (11, 2.0, None)],
+)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_topk_equals_topk_divergence_of_the_full_logits_values_and_grads(
+    kind: str, k: int, temperature: float, chunk_size: int | None
+) -> None:
+    """k < V (rest bucket), k = V (exact), T ≠ 1, chunks not dividing the 7 counted rows."""
+    x, values, indices, rest = _topk_setup(k, seed=33)
+    kwargs = {"temperature": temperature, "labels": LABELS, "beta": 0.3, "skew_alpha": 0.2}
+    h, w, b = _leaves(x["h"], x["w"], x["b"])
+    fused = fused_topk_divergence(
+        h, w, b, values, indices, rest, kind, chunk_size=chunk_size, **kwargs
+    )
+    fused.backward()
+    h2, w2, b2 = _leaves(x["h"], x["w"], x["b"])
+    plain = topk_divergence(F.linear(h2, w2, b2), values, indices, rest, kind, **kwargs)
+    plain.backward()
+    torch.testing.assert_close(fused, plain)
+    for got, want in ((h, h2), (w, w2), (b, b2)):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_topk_with_k_equal_v_is_the_dense_fused_divergence(kind: str) -> None:
+    x, values, indices, rest = _topk_setup(11, seed=34)
+    from_cache = fused_topk_divergence(x["h"], x["w"], None, values, indices, rest, kind)
+    dense = fused_linear_divergence(
+        x["h"],
+        x["w"],
+        kind=kind,
+        teacher_hidden=x["th"],
+        teacher_weight=x["tw"],
+        teacher_bias=x["tb"],
+    )
+    torch.testing.assert_close(from_cache, dense)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_topk_passes_gradcheck_in_float64(kind: str) -> None:
+    x, values, indices, rest = _topk_setup(3, seed=35)
+    h, w, b = (
+        y.detach()[:1].clone() if y.dim() == 3 else y.detach().clone()
+        for y in (x["h"], x["w"], x["b"])
+    )
+    h, w, b = h.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    v, i, r = values[:1], indices[:1], rest[:1]
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: fused_topk_divergence(
+            a, c, d, v, i, r, kind, labels=LABELS[:1], chunk_size=2, temperature=1.3
+        ),
+        (h, w, b),
+    )
+
+
+def test_fused_topk_reads_cache_dtypes_and_saves_no_n_by_v_tensor() -> None:
+    """float16 values, uint16 ids, float32 rest as stored; only ∂h and ∂W are saved."""
+    n, hid, v, k = 64, 16, 512, 8
+    g = _gen(36)
+    h = torch.randn(n, hid, generator=g, requires_grad=True)
+    w = torch.randn(v, hid, generator=g, requires_grad=True)
+    values, indices, rest = topk_log_probs(torch.randn(n, v, generator=g) * 3, k)
+    values16, ids16 = values.to(torch.float16), indices.to(torch.uint16)
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fused_topk_divergence(h, w, None, values16, ids16, rest, "forward_kl")
+    assert total == (n * hid + v * hid) * 4
+    loss.backward()
+    (h2, w2) = _leaves(h, w)
+    ref = topk_divergence(h2 @ w2.T, values16, ids16.long(), rest, "forward_kl")
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(w.grad, w2.grad)
+    # working memory: the chunk's logits (overwritten into their gradient), within the budget
+    budget = 2 * 8 * v * 4
+    peak = _fused_peak(
+        lambda: fused_topk_divergence(
+            h, w, None, values16, ids16, rest, "jsd", chunk_bytes=budget, temperature=2.0
+        ),
+        n,
+        hid,
+        v,
+    )
+    assert peak <= budget + 64 * n * 8 + 4 * n * hid * 4 + 8 * n * (k + 1) * 4 * 4
+
+
+def test_fused_topk_bfloat16_head_gives_float32_loss_close_to_float32() -> None:
+    x, values, indices, rest = _topk_setup(5, seed=37, dtype=torch.float32)
+    h, w = (y.to(torch.bfloat16).requires_grad_() for y in (x["h"], x["w"]))
+    loss = fused_topk_divergence(h, w, None, values, indices, rest, "jsd", chunk_size=3)
+    loss.backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.bfloat16
+    h2, w2 = (y.detach().float().requires_grad_() for y in (h, w))
+    ref = topk_divergence(h2 @ w2.T, values, indices, rest, "jsd")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(w.grad.float(), w2.grad, rtol=5e-2, atol=2e-3)
+
+
+def test_fused_topk_fully_masked_is_zero_and_no_grad_equals_grad() -> None:
+    x, values, indices, rest = _topk_setup(4, seed=38)
+    h, w = _leaves(x["h"], x["w"])
+    zero = fused_topk_divergence(h, w, None, values, indices, rest, labels=torch.full((2, 5), -100))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
+    with_grad = fused_topk_divergence(h, w, None, values, indices, rest, "tv")
+    with torch.no_grad():
+        without = fused_topk_divergence(h, w, None, values, indices, rest, "tv")
+    assert without.grad_fn is None
+    torch.testing.assert_close(with_grad.detach(), without)
+
+
+def test_fused_topk_rejects_mismatched_cache_rows_and_out_of_vocabulary_ids() -> None:
+    x, values, indices, rest = _topk_setup(4, seed=39)
+    h, w = x["h"], x["w"]
+    with pytest.raises(ValueError, match=r"leading shape \(2, 5\)"):
+        fused_topk_divergence(h, w, None, values[:, :4], indices[:, :4], rest[:, :4])
+    with pytest.raises(ValueError, match=r"rest_log_mass has shape \(2, 4\), expected \(2, 5\)"):
+        fused_topk_divergence(h, w, None, values, indices, rest[:, :4])
+    with pytest.raises(ValueError, match=r"outside the student's vocabulary \[0, 11\)"):
+        fused_topk_divergence(h, w, None, values, indices + 8, rest)
+    with pytest.raises(TypeError, match="integer token ids"):
+        fused_topk_divergence(h, w, None, values, indices.double(), rest)
+    with pytest.raises(ValueError, match="not both"):
+        fused_topk_divergence(h, w, None, values, indices, rest, chunk_size=2, chunk_bytes=64)
+
+
+def test_fused_topk_module_equals_function() -> None:
+    x, values, indices, rest = _topk_setup(4, seed=40)
+    module = FusedTopKDivergenceLoss("skew_kl", skew_alpha=0.3, temperature=1.5, chunk_bytes=4096)
+    assert list(module.parameters()) == [] and "chunk_bytes=4096" in repr(module)
+    torch.testing.assert_close(
+        module(x["h"], x["w"], values, indices, rest, student_bias=x["b"], labels=LABELS),
+        fused_topk_divergence(
+            x["h"],
+            x["w"],
+            x["b"],
+            values,
+            indices,
+            rest,
+            "skew_kl",
+            skew_alpha=0.3,
+            temperature=1.5,
+            labels=LABELS,
+        ),
+    )

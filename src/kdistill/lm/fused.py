@@ -31,6 +31,7 @@ the result equals ``token_divergence(F.linear(h, W, b), teacher_logits, ...)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -55,7 +56,17 @@ from kdistill.lm.divergences import (
 from kdistill.lm.vocab import shared_vocab_size
 from kdistill.losses._reduce import _compute_dtype
 
-__all__ = ["FusedLinearDivergenceLoss", "fused_linear_divergence"]
+__all__ = [
+    "FusedLinearDivergenceLoss",
+    "FusedTopKDivergenceLoss",
+    "fused_linear_divergence",
+    "fused_topk_divergence",
+]
+
+_TOPK_WORKING_SET = 2
+"""``(rows, V)`` compute-dtype tensors alive at once on the top-k path besides the bucket
+divergence's own ``(rows, k + 1)`` ones: the chunk's student logits, overwritten in place into
+their gradient, and a half-precision copy of them for a half weight (checked by the tests)."""
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -413,5 +424,322 @@ class FusedLinearDivergenceLoss(DivergenceSettings):
             reduction=self.reduction,
             chunk_size=self.chunk_size,
             allow_padded=self.allow_padded,
+            chunk_bytes=self.chunk_bytes,
+        )
+
+
+# --------------------------------------------------------------------------- cached top-k teacher
+
+
+def _teacher_buckets(
+    values: Tensor,  # (n, k) teacher log-probabilities at T = 1
+    rest: Tensor,  # (n,) log of the teacher's mass outside the top-k
+    vocab: int,
+    temperature: float,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The teacher's ``k + 1`` bucket logits ``(n, k + 1)`` (``(n, k)`` when ``k = V``).
+
+    ``values / T`` and, for the rest, ``R`` at ``T = 1`` or ``(R − log n) / T + log n`` with
+    ``n = V − k`` (a residual spread evenly) — the rule of ``kdistill.lm.topk.topk_buckets``.
+    """
+    k = values.shape[-1]
+    top = values.to(dtype) / temperature
+    if k == vocab:
+        return top
+    r = rest.to(dtype).unsqueeze(-1)  # (n, 1)
+    log_n = math.log(vocab - k)
+    r = r if temperature == 1.0 else (r - log_n) / temperature + log_n
+    return torch.cat([top, r], dim=-1)
+
+
+def _topk_chunk(
+    z: Tensor,  # (n, V) fresh student logits of the chunk, overwritten
+    idx: Tensor,  # (n, k) int64 teacher top-k ids
+    teacher: Tensor,  # (n, k + 1) or (n, k) teacher bucket logits
+    spec: _Spec,  # the divergence at T = 1 (buckets are already tempered)
+    temperature: float,
+    need_grad: bool,
+    scale: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor | None]:
+    """Summed bucket divergence of one chunk and ``scale ·`` its gradient wrt ``z`` ``(n, V)``.
+
+    With ``s = z / T``, the student's buckets are ``s`` at the top-k ids and
+    ``s_rest = log Σ_{v ∉ top-k} exp(s_v)``; by the chain rule
+    ``∂ℓ/∂s_v = g_j`` at the ``j``-th top-k id and ``g_rest · exp(s_v − s_rest)`` elsewhere,
+    and ``∂ℓ/∂z = ∂ℓ/∂s / T``. ``s`` is turned into ``exp(s − max)`` and then into the
+    gradient in place, so the chunk holds one ``(n, V)`` tensor.
+    """
+    s = z if z.dtype == dtype else z.to(dtype)  # (n, V)
+    del z
+    if temperature != 1.0:
+        s.div_(temperature)
+    k = idx.shape[-1]
+    s_top = s.gather(-1, idx)  # (n, k)
+    if k == s.shape[-1]:  # no rest bucket
+        value, g_b, _ = _value_and_grads(
+            s_top, teacher, spec, need_grad, False, scale, owned_student=True, owned_teacher=True
+        )
+        if g_b is None:
+            return value, None
+        return value, s.zero_().scatter_(-1, idx, g_b.div_(temperature))
+    s.scatter_(-1, idx, -math.inf)
+    peak = s.amax(dim=-1, keepdim=True)  # (n, 1)
+    peak = peak.masked_fill(peak == -math.inf, 0.0)
+    mass = s.sub_(peak).exp_()  # (n, V) exp(s_v − max), 0 on the top-k
+    total = mass.sum(dim=-1, keepdim=True)  # (n, 1)
+    value, g_b, _ = _value_and_grads(
+        torch.cat([s_top, total.log() + peak], dim=-1),  # (n, k + 1) student buckets
+        teacher,
+        spec,
+        need_grad,
+        False,
+        scale,
+        owned_student=True,
+        owned_teacher=True,
+    )
+    if g_b is None:
+        return value, None
+    g = mass.mul_(g_b[:, k:] / (total * temperature))  # rest: g_rest · exp(s_v − s_rest) / T
+    return value, g.scatter_(-1, idx, g_b[:, :k].div_(temperature))
+
+
+def _fused_topk(
+    hidden: Tensor,  # (N, H)
+    weight: Tensor,  # (V, H)
+    bias: Tensor | None,  # (V,)
+    values: Tensor,  # (N, k)
+    indices: Tensor,  # (N, k)
+    rest: Tensor,  # (N,)
+    rows: Tensor | None,
+    count: int,
+    spec: _Spec,
+    temperature: float,
+    chunk: int,
+    normaliser: float,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Loss and the gradients wrt ``hidden`` / ``weight`` / ``bias`` that were asked for."""
+    dtype = _compute_dtype(hidden, weight)
+    vocab = weight.shape[0]
+    total = torch.zeros((), dtype=dtype, device=hidden.device)
+    grads = _grad_buffers(hidden, weight, bias, rows, dtype, need_h, need_w, need_b)
+    need_logits = any(x is not None for x in grads)
+    scale = 1.0 / normaliser
+
+    def take(x: Tensor, start: int, stop: int, idx: Tensor | None) -> Tensor:
+        return x[start:stop] if idx is None else x.index_select(0, idx)
+
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        idx = None if rows is None else rows[start:stop]
+        h_c = take(hidden, start, stop, idx)
+        value, g = _topk_chunk(
+            _linear(h_c, weight, bias),  # (n, V), passed inline: overwritten and freed inside
+            take(indices, start, stop, idx).long(),
+            _teacher_buckets(
+                take(values, start, stop, idx),
+                take(rest, start, stop, idx),
+                vocab,
+                temperature,
+                dtype,
+            ),
+            spec,
+            temperature,
+            need_logits,
+            scale,
+            dtype,
+        )
+        total += value
+        if g is not None:
+            _head_grads(g, h_c, weight, grads, start, stop, idx)
+        del g, h_c
+    return (total / normaliser, *_finish_grads(grads, weight, bias))
+
+
+class _FusedTopKDivergence(torch.autograd.Function):
+    """:func:`_fused_topk` with its gradients computed in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Tensor:  # type: ignore[override]
+        flags = tuple(ctx.needs_input_grad[:3])  # hidden, weight, bias
+        loss, grad_h, grad_w, grad_b = _fused_topk(*(*args, *flags))
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return (
+            _scale_grad(grad_h, grad_output),
+            _scale_grad(grad_w, grad_output),
+            _scale_grad(grad_b, grad_output),
+        ) + (None,) * 9
+
+
+def _check_topk_teacher(
+    leading: torch.Size, vocab: int, values: Tensor, indices: Tensor, rest: Tensor
+) -> None:
+    if values.dim() < 1 or values.shape != indices.shape or values.shape[:-1] != leading:
+        raise ValueError(
+            f"top-k values {tuple(values.shape)} and indices {tuple(indices.shape)} must both "
+            f"be (..., k) with the student hidden states' leading shape {tuple(leading)}; "
+            "pass the cache rows of the same tokens (topk_values, topk_indices)"
+        )
+    if rest.shape != values.shape[:-1]:
+        raise ValueError(
+            f"rest_log_mass has shape {tuple(rest.shape)}, expected {tuple(values.shape[:-1])} "
+            "(one log-mass per token)"
+        )
+    if not (values.dtype.is_floating_point and rest.dtype.is_floating_point):
+        raise TypeError(
+            f"top-k values and rest_log_mass must be floating point, got {values.dtype} and "
+            f"{rest.dtype}"
+        )
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise TypeError(f"top-k indices must be integer token ids, got dtype {indices.dtype}")
+    indices = indices.long()  # uint16 / int16 as cached; (..., k) int64 is small
+    k = values.shape[-1]
+    if k > vocab:
+        raise ValueError(f"k = {k} top-k entries but the student head has only V = {vocab} rows")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab):
+        raise ValueError(
+            f"top-k token ids span [{int(indices.min())}, {int(indices.max())}], outside the "
+            f"student's vocabulary [0, {vocab}); the student's lm_head must cover the "
+            "teacher's ids"
+        )
+
+
+def fused_topk_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    values: Tensor,
+    indices: Tensor,
+    rest_log_mass: Tensor,
+    kind: str = "forward_kl",
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    labels: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    chunk_bytes: int | None = None,
+) -> Tensor:
+    """Top-k-teacher divergence of ``student_hidden @ student_weight.T``, fused.
+
+    Equals ``kdistill.lm.topk.topk_divergence(F.linear(student_hidden, student_weight,
+    student_bias), values, indices, rest_log_mass, kind, ...)`` — the divergence between the
+    student's and a cached teacher's distributions coarsened to ``k + 1`` buckets (the
+    teacher's top-k ids and "every other id"; exact at ``k = V``, a lower bound otherwise)
+    — without ever holding the student's ``(N, V)`` logits: per chunk of tokens
+    ``z_c = h_c Wᵀ + b`` ``(chunk, V)``, its ``k + 1`` buckets (a gather and one
+    ``logsumexp`` over the other ids), the divergence over ``k + 1`` entries and its
+    gradient, chained back to ``∂h_c``, ``∂W``, ``∂b`` in the forward pass (as
+    :func:`fused_linear_divergence`). Live memory beyond inputs and those gradients: one
+    compute-dtype ``(chunk, V)`` tensor, ``chunk`` taken from ``chunk_bytes``.
+
+    Args:
+        student_hidden: ``(B, T, H)`` or ``(N, H)`` last hidden states of the student.
+        student_weight: ``(V, H)`` its ``lm_head.weight`` (the parameter itself, so that
+            the gradient reaches it; a tied embedding is fine).
+        student_bias: ``(V,)`` its ``lm_head`` bias, or ``None``.
+        values: ``(B, T, k)`` teacher log-probabilities at ``T = 1`` (cache
+            ``topk_values``, any float dtype).
+        indices: ``(B, T, k)`` their token ids (cache ``topk_indices``, any integer dtype).
+        rest_log_mass: ``(B, T)`` log of the teacher's mass on the other ``V − k`` ids.
+        kind, temperature, beta, skew_alpha, labels, ignore_index, mask, reduction,
+        chunk_size, chunk_bytes: as in :func:`~kdistill.lm.divergences.token_divergence`;
+            ``V`` is the student head's row count.
+
+    Returns:
+        0-dim loss in the compute dtype (at least float32); gradients flow to
+        ``student_hidden``, ``student_weight`` and ``student_bias``, never to the teacher.
+    """
+    spec = _resolve(kind, beta, skew_alpha, temperature)
+    bucket_spec = _resolve(kind, beta, skew_alpha, 1.0)  # the buckets are tempered already
+    _check_reduction(reduction)
+    _check_chunking(chunk_size, chunk_bytes)
+    _check_head(student_hidden, student_weight, student_bias, "student")
+    leading = student_hidden.shape[:-1]
+    vocab = student_weight.shape[0]
+    _check_topk_teacher(leading, vocab, values, indices, rest_log_mass)
+    k = values.shape[-1]
+    indices = indices.long()  # uint16 / int16 as cached; (..., k) int64 is small
+    keep = _counted(leading, labels, ignore_index, mask, student_hidden.device)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    rows, count = _rows(keep, hidden.shape[0])
+    chunk = _chunk_rows(
+        chunk_size,
+        vocab,
+        chunk_bytes=chunk_bytes,
+        working_set=_TOPK_WORKING_SET + (_WORKING_SET[spec.kind] + 2) * (k + 1) / vocab,
+        itemsize=_compute_dtype(hidden, student_weight).itemsize,
+    )
+    normaliser = float(max(count, 1)) if reduction == "mean" else 1.0
+    args = (
+        hidden,
+        student_weight,
+        student_bias,
+        values.detach().reshape(-1, k),
+        indices.detach().reshape(-1, k),
+        rest_log_mass.detach().reshape(-1),
+        rows,
+        count,
+        bucket_spec,
+        spec.temperature,
+        chunk,
+        normaliser,
+    )
+    if torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, student_weight, student_bias)
+    ):
+        return _FusedTopKDivergence.apply(*args)
+    loss, _, _, _ = _fused_topk(*args, False, False, False)
+    return loss
+
+
+class FusedTopKDivergenceLoss(DivergenceSettings):
+    """Module form of :func:`fused_topk_divergence`; holds only the hyper-parameters.
+
+    ``forward(student_hidden, student_weight, values, indices, rest_log_mass, *,
+    student_bias=None, labels=None, mask=None)``.
+    """
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        values: Tensor,
+        indices: Tensor,
+        rest_log_mass: Tensor,
+        *,
+        student_bias: Tensor | None = None,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        return fused_topk_divergence(
+            student_hidden,
+            student_weight,
+            student_bias,
+            values,
+            indices,
+            rest_log_mass,
+            self.kind,
+            temperature=self.temperature,
+            beta=self.beta,
+            skew_alpha=self.skew_alpha,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            mask=mask,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
             chunk_bytes=self.chunk_bytes,
         )
