@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kdistill import experiment
+from kdistill import experiment, runtime
+from kdistill.callbacks import LambdaCallback
 from kdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdistill.config import ConfigError, OptimConfig, config_from_dict
 from kdistill.data.loader import TensorBatchLoader
@@ -173,8 +174,11 @@ class Interrupted(Exception):
 
 
 class StopMidEpoch(Trainer):
-    def _save_checkpoint(self, epoch: int, step: int, partial: Any) -> None:
-        super()._save_checkpoint(epoch, step, partial)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.callbacks.callbacks.append(LambdaCallback(on_checkpoint_saved=self._stop))
+
+    def _stop(self, trainer: Trainer, epoch: int, step: int) -> None:
         if epoch == 1 and step:
             raise Interrupted
 
@@ -263,7 +267,7 @@ def test_run_experiment_passes_amp_and_tensorboard_to_the_trainer(
         return (x, y), (x, y)
 
     monkeypatch.setattr(experiment, "load_data", fake_load_data)
-    monkeypatch.setattr(experiment, "Trainer", Spy)
+    monkeypatch.setattr(runtime, "Trainer", Spy)  # the one place a config becomes a Trainer
     cfg = config_from_dict(
         {
             "output_dir": str(tmp_path),

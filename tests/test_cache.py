@@ -17,17 +17,16 @@ from kdistill.cache import (
     StaleCacheError,
     build_cache,
     data_fingerprint,
-    densify_topk,
     index_dtype_for,
     load_or_build,
     open_cache,
     teacher_identity,
-    topk_divergence,
     topk_log_probs,
 )
 from kdistill.config import ConfigError, DistillConfig, config_from_dict
 from kdistill.experiment import cache_teacher_outputs, run_experiment
 from kdistill.lm import KINDS, token_divergence_reference
+from kdistill.lm.topk import densify_topk, topk_divergence
 
 
 class TinyConvNet(nn.Module):

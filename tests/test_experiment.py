@@ -38,7 +38,10 @@ def tiny_config(output_dir: Path, **distill: Any) -> ExperimentConfig:
             "data": {"train_subset": 512, "test_subset": 256, "batch_size": 64},
             "teacher": {"model": "mlp", "kwargs": {"hidden": [64]}},
             "student": {"model": "mlp", "kwargs": {"hidden": [32]}},
-            "distill": {"temperature": 4.0, "alpha": 0.5, **distill},
+            "distill": {
+                **({} if "terms" in distill else {"temperature": 4.0, "alpha": 0.5}),
+                **distill,
+            },  # fmt: skip
             "optim": {"name": "adamw", "lr": 0.01, "schedule": "constant"},
             "train": {"epochs": 2, "progress": False},
         }
@@ -89,6 +92,13 @@ def test_cache_teacher_with_augmentation_raises_value_error_naming_both_keys(
         run_experiment(cfg)
     assert "data.augment" in str(info.value)
     assert "distill.cache_teacher" in str(info.value)
+
+
+def test_hinton_keys_next_to_terms_are_refused_not_ignored(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, terms=[{"name": "ce", "loss": "cross_entropy", "teacher": None}])
+    cfg = config_from_dict({**cfg.to_dict(), "distill": {**cfg.to_dict()["distill"]}})
+    with pytest.raises(ConfigError, match=r"distill\.alpha: has no effect when distill\.terms"):
+        run_experiment(cfg)
 
 
 def test_cached_teacher_layers_train_like_the_live_teacher(tmp_path: Path) -> None:

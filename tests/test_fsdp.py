@@ -4,7 +4,7 @@ The test starts this file as a script under ``python -m torch.distributed.run
 --nproc_per_node 2`` (what ``torchrun`` runs): each rank shards a tiny
 ``transformers.LlamaForCausalLM`` student with :func:`kdistill.distributed.shard_student`
 (each decoder layer a unit, the frozen teacher unwrapped) and takes
-:func:`kdistill.distributed.lm_distill_step` s on its half of each global batch. The
+:func:`lm_distill_step` s (a hand-written step, below) on its half of each global batch. The
 reference is the same steps on the whole batch in one process, unsharded.
 """
 
@@ -16,11 +16,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from kdistill import distributed
+from kdistill.distiller import output_logits
 
 transformers = pytest.importorskip("transformers") if __name__ != "__main__" else None
 
@@ -28,6 +31,65 @@ ATOL = 2e-5
 """Float summation order differs (reduce-scattered half-batch gradients, sharded clipping)."""
 STEPS = 6
 GLOBAL_BATCH = 4
+
+
+def lm_distill_step(  # a hand-written reference step, independent of the Trainer
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    grad_clip: float | None = 1.0,
+    **divergence: Any,
+) -> float:
+    """One distillation step of a causal LM on this rank's share of a global batch.
+
+    The loss is :func:`kdistill.lm.token_divergence` between the student's and the frozen
+    teacher's logits ``(b, T, V)`` at every counted position (``attention_mask``), averaged
+    over the counted tokens of the **global** batch: each rank's summed divergence is divided
+    by ``N_tokens / world_size``, so the gradient average FSDP's reduce-scatter (or DDP's
+    all-reduce) takes is the gradient of the global token mean, whatever the padding per rank.
+    An N-process step therefore equals the one-process step on the whole batch up to float
+    summation order.
+
+    Args:
+        student: the (sharded) student returning logits or an object with ``.logits``.
+        teacher: the frozen teacher; run under ``torch.inference_mode``.
+        input_ids: this rank's ``(b, T)`` token ids (see :func:`rank_share`).
+        optimizer: over the student's (sharded) parameters.
+        attention_mask: ``(b, T)``; positions with 0 do not count (and are masked in both
+            models).
+        grad_clip: max global gradient norm, or ``None``.
+        divergence: ``kind``, ``temperature``, ``beta``, ... for ``token_divergence``.
+
+    Returns:
+        The global mean loss of the step (the same on every rank).
+    """
+    from kdistill.lm import token_divergence
+
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    with torch.inference_mode():
+        teacher_logits = output_logits(teacher(input_ids, **kwargs))  # (b, T, V)
+    teacher_logits = teacher_logits.clone()  # out of inference mode, usable by autograd
+    student_logits = output_logits(student(input_ids, **kwargs))  # (b, T, V)
+    mask = None if attention_mask is None else attention_mask.bool()
+    counted = input_ids.numel() if mask is None else mask.sum()
+    counted = torch.as_tensor(counted, dtype=torch.float64, device=input_ids.device)
+    total_tokens = float(distributed.all_sum(counted).item())
+    loss_sum = token_divergence(
+        student_logits, teacher_logits, mask=mask, reduction="sum", **divergence
+    )
+    loss = loss_sum * (distributed.world_size() / max(total_tokens, 1.0))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"non-finite gradient norm {norm.item()}")
+    optimizer.step()
+    return float(distributed.all_sum(loss_sum.detach()).item() / max(total_tokens, 1.0))
 
 
 def build_models() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -69,7 +131,7 @@ def train(sharded: bool) -> tuple[dict[str, torch.Tensor], list[float]]:
         ids_b, mask_b = ids[rows], mask[rows]
         if sharded:
             ids_b, mask_b = distributed.rank_share(ids_b), distributed.rank_share(mask_b)
-        loss = distributed.lm_distill_step(
+        loss = lm_distill_step(
             student, teacher, ids_b, optimizer, attention_mask=mask_b, grad_clip=0.5,
             kind="jsd", temperature=2.0,
         )  # fmt: skip

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdistill.callbacks import LambdaCallback
 from kdistill.checkpoint import latest_checkpoint, load_weights
 from kdistill.config import OptimConfig
 from kdistill.data.loader import TensorBatchLoader, epoch_generator, random_shift_flip
@@ -95,9 +96,12 @@ class CrashAfter(Trainer):
 
     stop = 2
 
-    def _save(self, epochs_done: int) -> None:
-        super()._save(epochs_done)
-        if epochs_done == self.stop:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.callbacks.callbacks.append(LambdaCallback(on_checkpoint_saved=self._crash))
+
+    def _crash(self, trainer: Trainer, epoch: int, step: int) -> None:
+        if epoch == self.stop and step == 0:
             raise Interrupted
 
 

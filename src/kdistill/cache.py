@@ -26,7 +26,8 @@ Layouts (``manifest["layout"]``):
   (the top entry is ~0, not ~20). Bytes per token: ``k·(2 + index bytes) + 4``, e.g.
   132 B at ``k = 32`` and 260 B at ``k = 64`` for a 49,152-token vocabulary.
 
-How the losses use a top-k teacher — :func:`topk_divergence`: the teacher's distribution is
+How the losses use a top-k teacher — :func:`kdistill.lm.topk.topk_divergence` (the maths
+live with the other LM losses; this module only stores and verifies the data): the teacher's distribution is
 the top-k probabilities plus the residual mass **lumped** into one extra bucket "every other
 id", and the student's distribution is coarsened the same way (its top-k-id probabilities and
 the sum of the rest). Any divergence of :mod:`kdistill.lm` is then computed between these two
@@ -36,7 +37,7 @@ data-processing inequality never exceeds the dense one; for forward KL the gap i
 ``Σ_tokens R · KL(p_rest/R ‖ q_rest/Q)`` (chain rule; ``R``, ``Q`` = teacher / student mass
 outside the top-k), which the tests check. The gradient only asks the student to put mass
 ``R`` outside the top-k ids, without imposing a shape on it — unlike
-:func:`densify_topk`, which spreads the residual uniformly over the other ids (a full
+:func:`kdistill.lm.topk.densify_topk`, which spreads the residual uniformly over the other ids (a full
 ``(…, V)`` teacher for losses that need one; its forward KL exceeds the lumped one by
 ``R · KL(uniform ‖ q_rest/Q)``). Temperature: exact at ``T = 1``; for ``T ≠ 1`` the teacher's
 tempered residual mass needs the individual residual logits, which are not stored, so it is
@@ -77,7 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.checkpoint import _fsync_dir, atomic_write_text, file_digest
-from kdistill.lm import IGNORE_INDEX, token_divergence
+from kdistill.distiller import output_logits
 from kdistill.taps import FeatureTaps
 
 __all__ = [
@@ -92,13 +93,10 @@ __all__ = [
     "build_cache",
     "bytes_per_row",
     "data_fingerprint",
-    "densify_topk",
     "index_dtype_for",
     "load_or_build",
     "open_cache",
     "teacher_identity",
-    "topk_buckets",
-    "topk_divergence",
     "topk_log_probs",
 ]
 
@@ -529,7 +527,7 @@ def teacher_outputs(
                 kwargs = {}
                 if attention_mask is not None:
                     kwargs["attention_mask"] = attention_mask[rows].to(device)
-                logits = _logits_of(teacher(inputs[rows].to(device), **kwargs))
+                logits = output_logits(teacher(inputs[rows].to(device), **kwargs))
                 outputs = {**taps.pop(), LOGITS: logits}
                 yield {key: outputs[key] for key in keys}
     finally:
@@ -547,21 +545,6 @@ def dense_outputs(
         value = outputs[key].float()
         dense[key] = value.to("cpu", map_dtype if value.dim() > 2 else torch.float32)
     return dense
-
-
-def _logits_of(output: Any) -> Tensor:
-    """The logits of a model output: a tensor, or ``.logits`` / ``["logits"]`` (Hugging Face)."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"cannot find logits in the teacher's output of type {type(output).__name__}; "
-            "return a tensor or an object with a .logits tensor"
-        )
-    return logits
 
 
 @torch.no_grad()
@@ -740,137 +723,3 @@ def load_or_build(
         return cache, False
     cache = build_cache(path, teacher, inputs, data_name=data_name, rebuild=True, **build_kwargs)
     return cache, True
-
-
-# --------------------------------------------------------------------------- top-k losses
-
-
-def _check_topk(student_logits: Tensor, values: Tensor, indices: Tensor, rest: Tensor) -> None:
-    vocab, k = student_logits.shape[-1], values.shape[-1]
-    if values.shape != indices.shape or values.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(
-            f"top-k values {tuple(values.shape)} and indices {tuple(indices.shape)} must both "
-            f"be (..., k) with the student logits' leading shape {tuple(student_logits.shape[:-1])}"
-        )
-    if rest.shape != values.shape[:-1]:
-        raise ValueError(
-            f"rest_log_mass has shape {tuple(rest.shape)}, expected {tuple(values.shape[:-1])}"
-        )
-    if k > vocab:
-        raise ValueError(f"k = {k} top-k entries but the student has only V = {vocab} logits")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab):
-        raise ValueError(
-            f"top-k token ids span [{int(indices.min())}, {int(indices.max())}], outside the "
-            f"student's vocabulary [0, {vocab}); slice or pad the student logits to the "
-            "teacher's vocabulary"
-        )
-
-
-def topk_buckets(
-    student_logits: Tensor,
-    values: Tensor,
-    indices: Tensor,
-    rest_log_mass: Tensor,
-    temperature: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """Student and teacher logits over ``k + 1`` buckets: the teacher's top-k ids + the rest.
-
-    Args:
-        student_logits: ``(..., V)`` raw student logits (with gradients).
-        values: ``(..., k)`` teacher log-probabilities at ``T = 1`` (any float dtype).
-        indices: ``(..., k)`` their token ids (any integer dtype).
-        rest_log_mass: ``(...)`` log of the teacher's mass on the other ``V − k`` ids.
-        temperature: ``T > 0``.
-
-    Returns:
-        ``(student, teacher)`` float32 (float64 for float64 logits) ``(..., k + 1)`` (``(..., k)`` when ``k = V``) whose
-        softmaxes are the coarsened tempered distributions: bucket ``j < k`` is id
-        ``indices[j]``, bucket ``k`` all other ids. Student: ``z_s / T`` gathered, and
-        ``logsumexp`` of ``z_s / T`` over the other ids (exact). Teacher: ``values / T``
-        and ``(R − log n) / T + log n`` with ``n = V − k`` — exact at ``T = 1`` (it is
-        ``R``), and for ``T ≠ 1`` the tempered mass of a residual spread evenly over the
-        ``n`` ids. Memory: one float32 ``(..., V)`` copy of the student logits.
-    """
-    _check_topk(student_logits, values, indices, rest_log_mass)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    vocab, k = student_logits.shape[-1], values.shape[-1]
-    idx = indices.long()
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float64 stays float64
-    s = student_logits.to(dtype) / temperature  # (..., V)
-    s_top = s.gather(-1, idx)  # (..., k)
-    t_top = values.to(dtype) / temperature  # (..., k)
-    if k == vocab:  # nothing outside the top-k: no rest bucket
-        return s_top, t_top
-    s_rest = s.scatter(-1, idx, -math.inf).logsumexp(dim=-1, keepdim=True)  # (..., 1)
-    r = rest_log_mass.to(dtype).unsqueeze(-1)  # (..., 1)
-    log_n = math.log(vocab - k)
-    t_rest = r if temperature == 1.0 else (r - log_n) / temperature + log_n
-    return torch.cat([s_top, s_rest], dim=-1), torch.cat([t_top, t_rest], dim=-1)
-
-
-def topk_divergence(
-    student_logits: Tensor,
-    values: Tensor,
-    indices: Tensor,
-    rest_log_mass: Tensor,
-    kind: str = "forward_kl",
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    labels: Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    mask: Tensor | None = None,
-    reduction: str = "mean",
-) -> Tensor:
-    """A token divergence of :mod:`kdistill.lm` against a cached top-k teacher.
-
-    Computes ``kdistill.lm.token_divergence(kind)`` between the student's and the teacher's
-    distributions coarsened to the ``k + 1`` buckets of :func:`topk_buckets` (the teacher's
-    top-k ids, and every other id lumped together), with the same conventions (no ``T²``;
-    mean over counted tokens; ``labels == ignore_index`` and ``mask`` select tokens).
-    ``k = V`` gives the dense divergence; ``k < V`` a lower bound of it for every
-    f-divergence kind at ``T = 1`` (data-processing inequality) — see the module docstring.
-
-    Args:
-        student_logits: ``(B, T, V)`` or ``(N, V)``.
-        values, indices, rest_log_mass: a cache's ``topk_values``, ``topk_indices`` and
-            ``rest_log_mass`` for the same tokens, ``(B, T, k)``, ``(B, T, k)``, ``(B, T)``.
-        kind, beta, skew_alpha, temperature, labels, ignore_index, mask, reduction: as for
-            :func:`kdistill.lm.token_divergence`.
-    """
-    student, teacher = topk_buckets(student_logits, values, indices, rest_log_mass, temperature)
-    return token_divergence(
-        student,
-        teacher,
-        kind,
-        beta=beta,
-        skew_alpha=skew_alpha,
-        temperature=1.0,  # already applied bucket-wise
-        labels=labels,
-        ignore_index=ignore_index,
-        mask=mask,
-        reduction=reduction,
-    )
-
-
-def densify_topk(values: Tensor, indices: Tensor, rest_log_mass: Tensor, vocab_size: int) -> Tensor:
-    """Full teacher log-probabilities ``(..., V)`` with the residual spread evenly.
-
-    Entries ``indices`` get ``values``; each of the other ``V − k`` ids gets
-    ``rest_log_mass − log(V − k)``. For losses that need a full ``(..., V)`` teacher
-    (e.g. :func:`kdistill.losses.kd_loss`, whose softmax of log-probabilities is the
-    distribution itself). Costs a float32 ``(..., V)`` tensor; :func:`topk_divergence`
-    avoids imposing this uniform tail on the student.
-    """
-    k = values.shape[-1]
-    if not k <= vocab_size:
-        raise ValueError(f"k = {k} exceeds vocab_size = {vocab_size}")
-    fill = (
-        rest_log_mass.float() - math.log(vocab_size - k)
-        if k < vocab_size
-        else torch.full(rest_log_mass.shape, -math.inf)
-    )
-    out = fill.unsqueeze(-1).expand(*values.shape[:-1], vocab_size).contiguous()
-    return out.scatter(-1, indices.long(), values.float())

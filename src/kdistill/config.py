@@ -39,6 +39,10 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+GIVEN_KEYS = "_given_keys"
+"""Attribute of a section built from a file: the keys the file set."""
+
+
 class ConfigError(ValueError):
     """A config key is unknown or has a bad value; the message names the dotted key."""
 
@@ -311,9 +315,18 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(_unknown_key_message(prefix, str(key), list(fields)))
     kwargs = {key: _coerce(hints[key], value, _join(prefix, key)) for key, value in data.items()}
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{_join(prefix, str(err))}") from None
+    # the keys the file set (not defaults): a key with no effect in the chosen mode is refused
+    # where the mode is known (e.g. kdistill.experiment.build_terms)
+    object.__setattr__(built, GIVEN_KEYS, frozenset(data))
+    return built
+
+
+def given_keys(section: Any) -> frozenset[str]:
+    """The keys a config file set in ``section`` (empty for a section built in Python)."""
+    return getattr(section, GIVEN_KEYS, frozenset())
 
 
 def _coerce(annotation: Any, value: Any, key: str) -> Any:

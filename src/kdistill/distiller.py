@@ -34,6 +34,10 @@ LOGITS = "logits"
 Inputs: TypeAlias = Tensor | Mapping[str, Tensor]
 """A model input: one tensor, or keyword tensors such as ``input_ids`` and ``attention_mask``."""
 
+IGNORE_INDEX = -100
+"""A target equal to this does not count (padding and prompt tokens, unlabelled rows of
+token batches), as in Hugging Face and ``torch.nn.functional.cross_entropy``."""
+
 ATTENTION_MASK = "attention_mask"
 """The key of mapping inputs that is handed to ``requires_mask`` losses as ``mask=``."""
 

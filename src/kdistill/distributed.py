@@ -17,7 +17,8 @@ summation order (students with BatchNorm differ more: each rank normalises with 
 statistics). Only rank 0 writes checkpoints, logs and the final weights.
 
 Language-model students can instead be sharded with FSDP2 (:func:`shard_student`,
-:func:`lm_distill_step`, :func:`full_state_dict`; see the section at the end of this module).
+:func:`full_state_dict`; see the section at the end of this module), trained by the same
+:class:`~kdistill.trainer.Trainer` as everything else.
 """
 
 from __future__ import annotations
@@ -232,66 +233,3 @@ def rank_share(tensor: torch.Tensor) -> torch.Tensor:
             f"the global batch of {tensor.shape[0]} rows does not split into {n} equal shares"
         )
     return tensor.tensor_split(n)[rank()]
-
-
-def lm_distill_step(
-    student: nn.Module,
-    teacher: nn.Module,
-    input_ids: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    grad_clip: float | None = 1.0,
-    **divergence: Any,
-) -> float:
-    """One distillation step of a causal LM on this rank's share of a global batch.
-
-    The loss is :func:`kdistill.lm.token_divergence` between the student's and the frozen
-    teacher's logits ``(b, T, V)`` at every counted position (``attention_mask``), averaged
-    over the counted tokens of the **global** batch: each rank's summed divergence is divided
-    by ``N_tokens / world_size``, so the gradient average FSDP's reduce-scatter (or DDP's
-    all-reduce) takes is the gradient of the global token mean, whatever the padding per rank.
-    An N-process step therefore equals the one-process step on the whole batch up to float
-    summation order.
-
-    Args:
-        student: the (sharded) student returning logits or an object with ``.logits``.
-        teacher: the frozen teacher; run under ``torch.inference_mode``.
-        input_ids: this rank's ``(b, T)`` token ids (see :func:`rank_share`).
-        optimizer: over the student's (sharded) parameters.
-        attention_mask: ``(b, T)``; positions with 0 do not count (and are masked in both
-            models).
-        grad_clip: max global gradient norm, or ``None``.
-        divergence: ``kind``, ``temperature``, ``beta``, ... for ``token_divergence``.
-
-    Returns:
-        The global mean loss of the step (the same on every rank).
-    """
-    from kdistill.lm import token_divergence
-
-    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    with torch.inference_mode():
-        teacher_logits = _logits(teacher(input_ids, **kwargs))  # (b, T, V)
-    teacher_logits = teacher_logits.clone()  # out of inference mode, usable by autograd
-    student_logits = _logits(student(input_ids, **kwargs))  # (b, T, V)
-    mask = None if attention_mask is None else attention_mask.bool()
-    counted = input_ids.numel() if mask is None else mask.sum()
-    counted = torch.as_tensor(counted, dtype=torch.float64, device=input_ids.device)
-    total_tokens = float(all_sum(counted).item())
-    loss_sum = token_divergence(
-        student_logits, teacher_logits, mask=mask, reduction="sum", **divergence
-    )
-    loss = loss_sum * (world_size() / max(total_tokens, 1.0))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        if not torch.isfinite(norm):
-            raise FloatingPointError(f"non-finite gradient norm {norm.item()}")
-    optimizer.step()
-    return float(all_sum(loss_sum.detach()).item() / max(total_tokens, 1.0))
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits

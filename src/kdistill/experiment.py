@@ -31,7 +31,14 @@ from kdistill.cache import (
     teacher_outputs,
 )
 from kdistill.checkpoint import atomic_write_text, load_weights
-from kdistill.config import ConfigError, DistillConfig, ExperimentConfig, ModelConfig, TermConfig
+from kdistill.config import (
+    ConfigError,
+    DistillConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TermConfig,
+    given_keys,
+)
 from kdistill.data import fashion_mnist_dataset
 from kdistill.data.cifar import CIFAR_STATS, cifar_dataset, random_crop_flip
 from kdistill.data.loader import TensorBatchLoader, random_shift_flip
@@ -39,14 +46,8 @@ from kdistill.distiller import AUTO, LOGITS, Distiller, LossTerm, probe_shapes
 from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy
 from kdistill.losses.registry import LOSSES
 from kdistill.models import build_model, count_parameters
-from kdistill.trainer import (
-    TEACHER_PREFIX,
-    FitResult,
-    Trainer,
-    evaluate,
-    resolve_device,
-    seed_everything,
-)
+from kdistill.runtime import build_trainer, start_run
+from kdistill.trainer import TEACHER_PREFIX, FitResult, evaluate
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -107,16 +108,32 @@ class TermContext:
     num_samples: int
 
 
+HINTON_KEYS = ("temperature", "alpha", "label_smoothing")
+"""``distill`` keys of the default objective, which have no effect next to ``terms``."""
+
+
 def build_terms(
-    cfg: DistillConfig, has_teacher: bool, context: TermContext | None = None
+    cfg: DistillConfig,
+    has_teacher: bool,
+    context: TermContext | None = None,
+    uses: Sequence[str] = (),
 ) -> list[LossTerm]:
     """The weighted loss terms for a config.
 
     Without explicit ``terms``: ``alpha · KD`` + ``(1 − alpha) · CE`` (or label-smoothing CE)
     when there is a teacher, the hard-label term alone otherwise. Terms of weight 0 are
-    dropped, so alpha = 0 trains without running the teacher at all.
+    dropped, so alpha = 0 trains without running the teacher at all. With ``terms``, a
+    :data:`HINTON_KEYS` key set in the file is an error (it would do nothing) unless the
+    caller ``uses`` it for something else (the multi-teacher ensemble's temperature).
     """
     if cfg.terms:
+        unused = sorted((given_keys(cfg) & set(HINTON_KEYS)) - set(uses))
+        if unused:
+            raise ConfigError(
+                f"distill.{unused[0]}: has no effect when distill.terms is given (the objective "
+                "is exactly the listed terms); remove it, or set it on a term, e.g. "
+                "params: {temperature: 4}"
+            )
         terms = [
             _term_from_config(t, f"distill.terms[{i}]", context) for i, t in enumerate(cfg.terms)
         ]
@@ -237,11 +254,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     """
     if cfg.stages:
         return run_stages(cfg, resume)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    rank, world_size = distributed.init_from_env()  # (0, 1) unless started by torchrun
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    device = distributed.local_device(resolve_device(cfg.train.device))
+    run = start_run(cfg.seed, cfg.train)
+    device = run.device
     (train_x, train_y), (test_x, test_y) = load_data(cfg)
 
     teacher = load_model(cfg.teacher, "teacher") if cfg.teacher is not None else None
@@ -260,20 +274,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         teacher.to(device)
         teacher_metrics = evaluate(teacher, eval_loader, device)
         if distiller.teacher is not None and cfg.distill.cache_teacher:
-            _check_cacheable(cfg)
-            if cfg.distill.cache_dir is not None:
-                cached = disk_teacher_outputs(cfg, teacher, distiller.teacher_keys, train_x, device)
-            else:
-                cached = cache_teacher_outputs(
-                    teacher,
-                    distiller.teacher_keys,
-                    train_x,
-                    cfg.data.eval_batch_size,
-                    device,
-                    getattr(torch, cfg.distill.cache_dtype),
-                )
-            distiller.drop_teacher()  # every teacher output now comes from the cache
-            teacher.cpu()
+            cached = cached_teacher_outputs(cfg, distiller, teacher, train_x, device)
 
     train_loader = TensorBatchLoader(
         inputs=train_x,
@@ -284,23 +285,18 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         augment=augmentation(cfg) if cfg.data.augment else False,
         drop_last=True,
         seed=cfg.seed,
-        rank=rank,
-        world_size=world_size,
+        rank=run.rank,
+        world_size=run.world_size,
     )
-    trainer = Trainer(
+    trainer = build_trainer(
         distiller,
         train_loader,
         eval_loader,
-        cfg.optim,
-        cfg.train.epochs,
-        cfg.output_dir,
-        device=device,
-        progress=cfg.train.progress,
+        optim=cfg.optim,
+        train=cfg.train,
+        output_dir=cfg.output_dir,
         config=cfg.to_dict(),
-        checkpoint_every=cfg.train.checkpoint_every,
-        skip_nonfinite=cfg.train.skip_nonfinite,
-        amp=cfg.train.amp,
-        tensorboard=cfg.train.tensorboard,
+        device=device,
     )
     fit = trainer.fit(resume=resume)
     summary = {
@@ -362,6 +358,41 @@ def run_stages(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     if distributed.is_main():
         atomic_write_text(root / "summary.json", json.dumps(last.summary, indent=2) + "\n")
     return last
+
+
+def cached_teacher_outputs(
+    cfg: ExperimentConfig,
+    distiller: Distiller,
+    teacher: nn.Module,
+    train_x: Tensor,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Run the frozen teacher once and return its outputs as batch tensors; drop it from
+    ``distiller``.
+
+    On disk (``distill.cache_dir``, :func:`disk_teacher_outputs`) or in memory
+    (:func:`cache_teacher_outputs`); every entry point with a frozen teacher (``kdistill run``,
+    the multi-teacher and semi-supervised schemes) goes through here. Returns
+    ``{"teacher.<key>": (N, ...)}``; afterwards every teacher output comes from the cache.
+    """
+    _check_cacheable(cfg)
+    teacher.to(device)
+    if cfg.distill.cache_dir is not None:
+        cached: dict[str, Any] = disk_teacher_outputs(
+            cfg, teacher, distiller.teacher_keys, train_x, device
+        )
+    else:
+        cached = cache_teacher_outputs(
+            teacher,
+            distiller.teacher_keys,
+            train_x,
+            cfg.data.eval_batch_size,
+            device,
+            getattr(torch, cfg.distill.cache_dtype),
+        )
+    distiller.drop_teacher()
+    teacher.cpu()
+    return cached
 
 
 def cache_teacher_outputs(

@@ -16,20 +16,18 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to factories; ``module.path:attr`` strings import user factories."""
+    """Maps names to factories; ``module.path:attr`` strings import user factories.
+
+    A factory may be registered as such a string too: it is imported on first use, so a
+    registry can name factories of heavy optional packages (``kdistill.lm``) without
+    importing them with the registry.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._factories: dict[str, Callable[..., T]] = {}
+        self._factories: dict[str, Callable[..., T] | str] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
-            self.add(name, factory)
-            return factory
-
-        return decorator
-
-    def add(self, name: str, factory: Callable[..., T]) -> None:
+    def add(self, name: str, factory: Callable[..., T] | str) -> None:
         if name in self._factories:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._factories[name] = factory
@@ -37,7 +35,10 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Callable[..., T]:
         """The factory for ``name``, or the attribute named by ``package.module:attr``."""
         if name in self._factories:
-            return self._factories[name]
+            factory = self._factories[name]
+            if isinstance(factory, str):  # registered lazily: import it now, once
+                factory = self._factories[name] = _import_attr(factory, self.kind)
+            return factory
         if ":" in name:
             return _import_attr(name, self.kind)
         hint = difflib.get_close_matches(name, self.names(), n=1)

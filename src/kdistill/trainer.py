@@ -36,57 +36,52 @@ import io
 import itertools
 import json
 import math
-import os
 import random
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill import distributed
-from kdistill.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    save_weights,
+from kdistill.callbacks import Callback, CallbackList
+from kdistill.checkpoint import atomic_write_text, save_weights
+from kdistill.checkpointer import (
+    RESUMABLE_DIFFERENCES,
+    STEP_LOG,
+    Checkpointer,
+    PartialEpoch,
+    ResumeError,
+    ResumeWarning,
+    TrainState,
 )
 from kdistill.config import OptimConfig
-from kdistill.distiller import LOGITS, Distiller, Inputs, untie_shared_tensors
+from kdistill.distiller import IGNORE_INDEX, LOGITS, Distiller, Inputs, untie_shared_tensors
 
-# Config keys that may differ between a checkpoint and the resuming run without changing
-# what is trained (``train.epochs`` is not among them: it shapes the LR schedule). A resume
-# with such a difference warns (:class:`ResumeWarning`) naming the keys; any other
-# difference is a :class:`ResumeError`.
-RESUMABLE_DIFFERENCES = (
-    "train.progress",
-    "train.threads",
-    "train.device",
-    "train.checkpoint_every",
-    "train.skip_nonfinite",
-    "train.tensorboard",
-    "data.num_workers",
-    "data.eval_batch_size",
-    "distill.cache_dir",  # the on-disk teacher cache holds what the in-memory one would
-    "distill.cache_rebuild",
-    "output_dir",
-)
-
-STEP_LOG = "steps.jsonl"
-"""Per-step log in the output folder: one ``{"epoch", "step", "global_step", "loss"}`` line per
-batch, ``epoch`` counted from 1 (as in ``metrics.jsonl``), ``step`` (within the epoch) and
-``global_step`` from 0 (as in error messages); ``"skipped": true`` and ``"loss": null`` for a
-skipped non-finite batch."""
-
-_REQUIRED_STATE = ("epoch", "optimizer", "scheduler", "torch_rng", "python_rng")
+__all__ = [
+    "AMP_DTYPES",
+    "IGNORE_INDEX",
+    "RESUMABLE_DIFFERENCES",
+    "STEP_LOG",
+    "TEACHER_PREFIX",
+    "FitResult",
+    "ResumeError",
+    "ResumeWarning",
+    "TrainableModel",
+    "Trainer",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate",
+    "predict_logits",
+    "resolve_device",
+    "seed_everything",
+    "unpack_batch",
+]
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {
     "none": None,
@@ -94,14 +89,6 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 """``Trainer(amp=...)``: the autocast dtype of the forward pass (``None``: float32)."""
-
-
-class ResumeError(ValueError):
-    """A checkpoint cannot be resumed exactly (incomplete state, or a changed config)."""
-
-
-class ResumeWarning(UserWarning):
-    """A resume goes ahead, but something differs from the checkpoint (named in the message)."""
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -192,10 +179,6 @@ def evaluate(
 TEACHER_PREFIX = "teacher."
 """Dict batches carry cached teacher outputs as ``"teacher.<logits or layer name>"``."""
 
-IGNORE_INDEX = -100
-"""Targets equal to this do not count in the training accuracy and its token count (padding
-and prompt tokens of language-model batches, as in Hugging Face)."""
-
 
 def _to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
     if isinstance(inputs, Mapping):
@@ -263,17 +246,33 @@ class FitResult:
         return self.history[-1]
 
 
-@dataclass
-class _Partial:
-    """Running sums of a partly trained epoch (restored when resuming mid-epoch)."""
+@runtime_checkable
+class TrainableModel(Protocol):
+    """What the :class:`Trainer` needs from the model it trains.
 
-    epoch: int
-    step: int
-    sums: dict[str, Tensor]
-    correct: Tensor
-    seen: int
-    skipped: int
-    elapsed_s: float
+    :class:`~kdistill.distiller.Distiller` and :class:`~kdistill.schemes.base.Scheme` provide
+    it. ``forward(inputs, target, teacher_outputs=..., index=...)`` returns ``loss`` (with
+    gradients), ``logits`` (detached, for the running train accuracy), any detached
+    ``"<part>_loss"`` scalars and optionally ``metrics`` (``{name: scalar}``, diagnostics
+    logged as ``train_<name>`` whatever their name). ``student`` is the module evaluated every
+    epoch and saved. A model may also define ``callbacks() -> list[Callback]`` (attached by
+    the Trainer) and ``ddp_unsupported`` (a reason string: then it refuses to run under
+    torchrun).
+    """
+
+    student: nn.Module
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]: ...
+
+    def trainable_state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None: ...
+
+    def set_progress(self, epoch: float) -> None: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class _TrainableParts(nn.Module):
@@ -293,11 +292,49 @@ class _TrainableParts(nn.Module):
         return self.distiller(*args, **kwargs)  # type: ignore[operator]
 
 
+def ddp_unsupported(model: Any) -> str | None:
+    """Why ``model`` cannot train under DDP (a scheme's or a loss term's reason), or ``None``."""
+    reason = getattr(model, "ddp_unsupported", None)
+    if reason:
+        return f"{type(model).__name__}: {reason}"
+    for term in getattr(model, "terms", ()):
+        loss = getattr(term, "loss", None)
+        reason = getattr(loss, "ddp_unsupported", None)
+        if reason:
+            return f"loss term {term.name!r} ({type(loss).__name__}): {reason}"
+    return None
+
+
+class _EpochSums:
+    """Running sums of one epoch: losses and metrics weighted by the counted targets."""
+
+    def __init__(self, partial: PartialEpoch) -> None:
+        self.sums, self.correct = partial.sums, partial.correct
+        self.seen, self.skipped = partial.seen, partial.skipped
+
+    def add(self, out: Mapping[str, Any], n: int, correct: Tensor | None) -> None:
+        self.seen += n
+        for key, value in out.items():
+            if key.endswith("_loss"):
+                self.sums[key] = self.sums.get(key, 0.0) + value * n
+        for key, value in (out.get("metrics") or {}).items():
+            self.sums[key] = self.sums.get(key, 0.0) + torch.as_tensor(value).detach().float() * n
+        self.sums["loss"] = self.sums.get("loss", 0.0) + out["loss"].detach() * n
+        if correct is not None:
+            self.correct += correct
+
+    def snapshot(self, epoch: int, step: int, elapsed_s: float) -> PartialEpoch:
+        return PartialEpoch(
+            epoch, step, self.sums, self.correct, self.seen, self.skipped, elapsed_s
+        )
+
+
 class Trainer:
-    """Trains ``distiller``'s student (and adapters) and evaluates it every epoch.
+    """Trains a distiller's (or scheme's) student, evaluates it every epoch, checkpoints.
 
     Args:
-        distiller: the objective; its ``trainable_parameters()`` are optimised.
+        distiller: the objective (a :class:`TrainableModel`); its ``trainable_parameters()``
+            are optimised.
         train_loader: iterable of ``(x, y)`` or ``(x, y, teacher_logits)`` batches; if it has
             ``set_epoch`` it is called before each epoch (fixing shuffling per epoch), and if
             it has ``set_start_step`` that is used to resume inside an epoch (otherwise the
@@ -321,10 +358,12 @@ class Trainer:
             gradients at a scale of 1 or less are non-finite in their own right and handled
             like any other (an error, or a skip under ``skip_nonfinite``).
         tensorboard: also write each epoch's numeric metrics to ``output_dir/tensorboard``
-            when ``torch.utils.tensorboard`` can be imported (silently skipped otherwise).
+            when ``torch.utils.tensorboard`` can be imported (skipped with a note otherwise).
         evaluate_fn: ``fn(student, eval_loader, device) -> {"accuracy", "loss", ...}``, each
             metric logged as ``test_<name>``; default :func:`evaluate` (classification).
             :func:`kdistill.lm.batches.evaluate_lm` scores language models per token.
+        callbacks: :class:`~kdistill.callbacks.Callback` s, after the model's own
+            (``distiller.callbacks()`` when it has one).
 
     Targets may be class ids ``(B,)`` for logits ``(B, C)`` or token ids ``(B, T)`` for logits
     ``(B, T, V)`` (already aligned with them); ``train_accuracy`` and the weights of the epoch
@@ -333,7 +372,7 @@ class Trainer:
 
     def __init__(
         self,
-        distiller: Distiller,
+        distiller: TrainableModel,
         train_loader: Iterable[Sequence[Tensor] | Mapping[str, Tensor]],
         eval_loader: Iterable[Sequence[Tensor] | Mapping[str, Tensor]],
         optim: OptimConfig,
@@ -348,6 +387,7 @@ class Trainer:
         amp: Literal["none", "bf16", "fp16"] = "none",
         tensorboard: bool = True,
         evaluate_fn: Callable[..., Mapping[str, float]] | None = None,
+        callbacks: Iterable[Callback] = (),
     ) -> None:
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
@@ -355,7 +395,7 @@ class Trainer:
             raise ValueError(f"skip_nonfinite must be >= 0, got {skip_nonfinite}")
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
-        self.distiller = distiller.to(device)
+        self.distiller = distiller.to(device)  # type: ignore[attr-defined]
         self.train_loader = train_loader
         self.eval_loader = eval_loader
         self.optim_cfg = optim
@@ -364,7 +404,6 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress
         self.config = dict(config or {})
-        self.keep_last = keep_last
         self.checkpoint_every = checkpoint_every
         self.skip_nonfinite = skip_nonfinite
         self.amp = amp
@@ -372,40 +411,68 @@ class Trainer:
         self.evaluate_fn = evaluate_fn if evaluate_fn is not None else evaluate
         self._sharded = distributed.is_sharded(distiller.student)
         if self._sharded:
-            if amp == "fp16":
-                raise ValueError(
-                    'amp="fp16" (a GradScaler) is not supported with an FSDP-sharded student; '
-                    'use amp="bf16" or "none"'
-                )
-            if any(p.requires_grad for p in distiller.terms.parameters()):
-                raise ValueError(
-                    "an FSDP-sharded student cannot be trained with loss-term adapters (they "
-                    "would need sharding too); use DDP or terms without trainable parameters"
-                )
+            _check_shardable(distiller, amp)
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
-        self.scheduler = build_scheduler(self.optimizer, optim, epochs, len(train_loader))  # type: ignore[arg-type]
+        self.scheduler = build_scheduler(self.optimizer, optim, epochs, self.steps_per_epoch)
+        self.checkpointer = Checkpointer(
+            distiller,  # type: ignore[arg-type]
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.output_dir,
+            config=self.config,
+            epochs=epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            keep_last=keep_last,
+            sharded=self._sharded,
+            device=self.device,
+            verbose=progress and distributed.is_main(),
+        )
+        own = distiller.callbacks() if hasattr(distiller, "callbacks") else []
+        self.callbacks = CallbackList([*own, *callbacks])
         self.history: list[dict[str, Any]] = []
+        self.epoch = 0  # the epoch in progress, from 0
+        self.global_step = 0  # optimizer steps (batches) done, over the whole run
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._consecutive_skips = 0
-        self._partial: _Partial | None = None
-        self._pending_steps: list[tuple[int, int, int, Tensor, bool]] = []
-        self._forward: nn.Module = self.distiller
+        self._partial: PartialEpoch | None = None
+        self._logged: dict[str, list[float]] = {}
+        self._forward: nn.Module = self.distiller  # type: ignore[assignment]
         if distributed.is_distributed():
             self.progress = progress and distributed.is_main()
         if distributed.is_distributed() and not self._sharded:  # FSDP syncs gradients itself
+            reason = ddp_unsupported(distiller)
+            if reason:
+                raise ValueError(
+                    f"cannot train under torchrun (DDP) — {reason}; run it in one process"
+                )
+            module = _TrainableParts(distiller) if isinstance(distiller, Distiller) else distiller
             self._forward = nn.parallel.DistributedDataParallel(
-                _TrainableParts(self.distiller),
+                module,  # type: ignore[arg-type]
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
 
     @property
+    def model(self) -> TrainableModel:
+        """The distiller or scheme being trained."""
+        return self.distiller  # type: ignore[return-value]
+
+    @property
     def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
+        return self.checkpointer.directory
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)  # type: ignore[arg-type]
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def log_metric(self, name: str, value: float | Tensor) -> None:
+        """Record a diagnostic for this epoch; the row holds the mean as ``train_<name>``."""
+        self._logged.setdefault(name, []).append(float(value))
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -413,7 +480,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         start = self._resume() if resume else None
         if start is None:
-            if not resume and latest_checkpoint(self.checkpoint_dir) is not None:
+            if not resume and self.checkpointer.has_checkpoint():
                 warnings.warn(
                     f"{self.checkpoint_dir} holds checkpoints of an earlier run; this run starts "
                     "from scratch (resume=False) and replaces them as it saves its own",
@@ -421,9 +488,8 @@ class Trainer:
                     stacklevel=2,
                 )
             start = 0
-            self._pending_steps = []
-            if distributed.is_main():
-                atomic_write_text(self.output_dir / STEP_LOG, "")
+            self.checkpointer.step_log.start()
+        self.callbacks.fire("on_fit_start", self)
         writer = self._tensorboard_writer() if distributed.is_main() else None
         try:
             self._fit_epochs(start, writer)
@@ -431,27 +497,34 @@ class Trainer:
             if writer is not None:
                 writer.close()
         student_path = self.output_dir / "student.safetensors"
-        student_state = self._student_state_dict()  # every rank gathers a sharded student
+        student_state = self.checkpointer.student_state_dict()  # every rank gathers if sharded
         if distributed.is_main():
             save_weights(student_path, untie_shared_tensors(student_state))
         distributed.barrier()  # no rank returns before the weights are written
-        return FitResult(self.history, self.output_dir, student_path)
+        result = FitResult(self.history, self.output_dir, student_path)
+        self.callbacks.fire("on_fit_end", self, result)
+        return result
 
     def _fit_epochs(self, start: int, writer: Any) -> None:
         for epoch in range(start, self.epochs):
             began = time.perf_counter()
             if self._partial is not None and self._partial.epoch == epoch:
                 began -= self._partial.elapsed_s
+            self.epoch = epoch
+            self.callbacks.fire("on_epoch_start", self, epoch)
             train_metrics = self.train_epoch(epoch)
+            self.callbacks.fire("on_evaluate_start", self)
             eval_metrics = self.evaluate_fn(self.distiller.student, self.eval_loader, self.device)
+            self.callbacks.fire("on_evaluate_end", self, eval_metrics)
             row = {
                 "epoch": epoch + 1,
                 **train_metrics,
                 **{f"test_{k}": v for k, v in eval_metrics.items()},
                 "epoch_time_s": time.perf_counter() - began,
             }
+            self.callbacks.fire("on_epoch_end", self, epoch, row)
             self.history.append(row)
-            self._save(epoch + 1)
+            self._save(epoch + 1, 0, None)
             if distributed.is_main():
                 self._write_metrics()
             if writer is not None:
@@ -470,9 +543,8 @@ class Trainer:
         steps = self.steps_per_epoch
         partial, self._partial = self._partial, None
         if partial is None or partial.epoch != epoch:
-            partial = _Partial(
-                epoch, 0, {}, torch.zeros((), dtype=torch.long, device=self.device), 0, 0, 0.0
-            )
+            zero = torch.zeros((), dtype=torch.long, device=self.device)
+            partial = PartialEpoch(epoch, 0, {}, zero, 0, 0, 0.0)
         began = time.perf_counter() - partial.elapsed_s
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)
@@ -483,7 +555,8 @@ class Trainer:
             else:  # draw and drop the batches the checkpoint had already trained on
                 batches = itertools.islice(self.train_loader, partial.step, None)
         self.distiller.train()
-        sums, correct, seen, skipped = partial.sums, partial.correct, partial.seen, partial.skipped
+        self._logged = {}
+        sums = _EpochSums(partial)
         bar = tqdm(
             batches,
             desc=f"epoch {epoch + 1}/{self.epochs}",
@@ -498,39 +571,48 @@ class Trainer:
             self.distiller.set_progress(epoch + step / steps)
             with torch.autocast(self.device.type, AMP_DTYPES[self.amp], self.amp != "none"):
                 out = self._forward(x, y, teacher_outputs=cached, index=index)
-            applied = self._step(out, epoch, step)
             global_step = epoch * steps + step  # 0-based, like ``step``
-            self._pending_steps.append((epoch, step, global_step, out["loss"].detach(), applied))
+            self.global_step = global_step
+            applied = self._step(out, epoch, step)
+            self.checkpointer.step_log.record(
+                epoch, step, global_step, out["loss"].detach(), applied
+            )
             if applied:
+                self.callbacks.fire("on_optimizer_step", self, global_step)
                 counted = None if y is None else y != IGNORE_INDEX  # (B,) or (B, T)
                 n = _batch_size(x) if counted is None else int(counted.sum())
-                seen += n
-                for key, value in out.items():
-                    if key.endswith("_loss"):
-                        sums[key] = sums.get(key, 0.0) + value * n
-                sums["loss"] = sums.get("loss", 0.0) + out["loss"].detach() * n
+                correct = None
                 if counted is not None:
-                    correct += ((out["logits"].argmax(-1) == y) & counted).sum()
+                    correct = ((out["logits"].argmax(-1) == y) & counted).sum()
+                sums.add(out, n, correct)
             else:
-                skipped += 1
-            if self.progress and step % 20 == 0 and seen:
+                sums.skipped += 1
+            self.global_step = global_step + 1
+            self.callbacks.fire("on_batch_end", self, global_step, out)
+            if self.progress and step % 20 == 0 and sums.seen:
                 bar.set_postfix(
-                    loss=f"{sums['loss'].item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}"
+                    loss=f"{sums.sums['loss'].item() / sums.seen:.4f}",
+                    acc=f"{sums.correct.item() / sums.seen:.3f}",
                 )
             every = self.checkpoint_every
             if every is not None and (global_step + 1) % every == 0 and step + 1 < steps:
                 elapsed = time.perf_counter() - began
-                done = _Partial(epoch, step + 1, sums, correct, seen, skipped, elapsed)
-                self._save_checkpoint(epoch, step + 1, done)
+                self._save(epoch, step + 1, sums.snapshot(epoch, step + 1, elapsed))
+        return self._epoch_metrics(sums)
+
+    def _epoch_metrics(self, sums: _EpochSums) -> dict[str, float]:
+        totals, correct, seen = sums.sums, sums.correct, sums.seen
         if distributed.is_distributed():  # the global means: equal shares on every rank
-            sums = {k: distributed.all_sum(sums[k]) for k in sorted(sums)}
+            totals = {k: distributed.all_sum(totals[k]) for k in sorted(totals)}
             correct = distributed.all_sum(correct)
             seen *= distributed.world_size()
-        metrics = {f"train_{k}": (v / max(seen, 1)).item() for k, v in sums.items()}
+        metrics = {f"train_{k}": (v / max(seen, 1)).item() for k, v in totals.items()}
         metrics.setdefault("train_loss", math.nan)  # every batch of the epoch was skipped
         metrics["train_accuracy"] = correct.item() / max(seen, 1)
+        for name, values in self._logged.items():
+            metrics[f"train_{name}"] = sum(values) / len(values)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["skipped_steps"] = skipped
+        metrics["skipped_steps"] = sums.skipped
         return metrics
 
     def _step(self, out: Mapping[str, Tensor], epoch: int, step: int) -> bool:
@@ -623,208 +705,30 @@ class Trainer:
 
     # -- checkpoints and logs ----------------------------------------------------------
 
-    def _student_state_dict(self) -> dict[str, Tensor]:
-        """The student's full state dict (gathered from every rank when it is sharded: all
-        ranks must call this; only rank 0 gets the tensors)."""
-        if self._sharded:
-            return distributed.full_state_dict(self.distiller.student)
-        return self.distiller.student.state_dict()
-
-    def _trainable_state_dict(self) -> dict[str, Tensor]:
-        """:meth:`Distiller.trainable_state_dict`, with a sharded student gathered in full."""
-        if not self._sharded:
-            return self.distiller.trainable_state_dict()
-        state = {f"student.{k}": v for k, v in self._student_state_dict().items()}
-        state.update({f"terms.{k}": v for k, v in self.distiller.terms.state_dict().items()})
-        return untie_shared_tensors(state)
-
-    def _save(self, epochs_done: int) -> None:
-        self._save_checkpoint(epochs_done, 0, None)
-
-    def _save_checkpoint(self, epoch: int, step: int, partial: _Partial | None) -> None:
+    def _save(self, epoch: int, step: int, partial: PartialEpoch | None) -> None:
         """Checkpoint after ``epoch`` whole epochs and ``step`` steps of the next one."""
-        self._flush_step_log()  # the log always reaches at least as far as the checkpoint
-        if self._sharded:  # all-gathered on every rank, so before rank 0 alone goes on
-            weights = self._trainable_state_dict()
-            optimizer_state = distributed.full_optimizer_state_dict(
-                self.distiller.student, self.optimizer
-            )
-        else:
-            weights, optimizer_state = {}, self.optimizer.state_dict()
-        state: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "global_step": epoch * self.steps_per_epoch + step,
-            "epochs": self.epochs,
-            "steps_per_epoch": self.steps_per_epoch,
-            "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "consecutive_skips": self._consecutive_skips,
-            "history": json.dumps(self.history),
-            "config": json.dumps(self.config),
-        }
-        if partial is not None:
-            state["partial"] = {
-                "sums": {k: v.detach().cpu() for k, v in partial.sums.items()},
-                "correct": partial.correct.detach().cpu(),
-                "seen": partial.seen,
-                "skipped": partial.skipped,
-                "elapsed_s": partial.elapsed_s,
-            }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        if not distributed.is_main():
-            return
-        save_checkpoint(
-            self.checkpoint_dir,
-            epoch,
-            weights if self._sharded else self.distiller.trainable_state_dict(),
-            state,
-            keep_last=self.keep_last,
-            step=step,
-        )
-
-    def _flush_step_log(self) -> None:
-        """Append the pending step records to ``steps.jsonl`` and fsync it."""
-        if not self._pending_steps:
-            return
-        losses_t = torch.stack([record[3].float() for record in self._pending_steps])
-        # every rank flushes at the same steps; the logged loss is the mean over ranks
-        losses = (distributed.all_sum(losses_t) / distributed.world_size()).tolist()
-        if not distributed.is_main():
-            self._pending_steps = []
-            return
-        lines = []
-        for (epoch, step, global_step, _, applied), loss in zip(
-            self._pending_steps, losses, strict=True
-        ):
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "global_step": global_step}
-            row["loss"] = loss if applied else None
-            if not applied:
-                row["skipped"] = True
-            lines.append(json.dumps(row) + "\n")
-        with open(self.output_dir / STEP_LOG, "a") as handle:
-            handle.write("".join(lines))
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._pending_steps = []
+        state = TrainState(epoch, step, self.history, self._consecutive_skips, partial)
+        self.checkpointer.steps_per_epoch = self.steps_per_epoch  # the loader may have changed
+        self.callbacks.fire("on_save_checkpoint", self, state.extra)
+        self.checkpointer.save(state)
+        self.callbacks.fire("on_checkpoint_saved", self, epoch, step)
 
     def _resume(self) -> int | None:
         """Restore the newest complete checkpoint; the epoch to continue in, or ``None``."""
-        incomplete = [i.path.name for i in list_checkpoints(self.checkpoint_dir) if not i.complete]
-        folder = latest_checkpoint(self.checkpoint_dir)
-        if incomplete:
-            warnings.warn(
-                f"ignoring interrupted checkpoint saves in {self.checkpoint_dir}: {incomplete} "
-                f"(no COMPLETE marker); resuming from {folder.name if folder else 'scratch'}",
-                ResumeWarning,
-                stacklevel=3,
-            )
-        if folder is None:
+        self.checkpointer.steps_per_epoch = self.steps_per_epoch  # the loader may have changed
+        restored = self.checkpointer.resume(hasattr(self.train_loader, "set_epoch"))
+        if restored is None:
             if self.progress:
                 tqdm.write(f"no checkpoint in {self.checkpoint_dir}; starting from scratch")
             return None
-        try:
-            weights, state = load_checkpoint(folder)
-        except CheckpointError as err:
-            older = [
-                i.path.name
-                for i in list_checkpoints(self.checkpoint_dir)
-                if i.complete and i.path != folder
-            ]
-            fallback = (
-                f"delete {folder} to resume from the previous complete checkpoint {older[-1]}"
-                if older
-                else f"no older complete checkpoint is left in {self.checkpoint_dir}"
-            )
-            raise ResumeError(f"cannot resume: {err}; {fallback}") from err
-        missing = [k for k in _REQUIRED_STATE if k not in state]
-        step = int(state.get("step", 0))
-        if step and "partial" not in state:
-            missing.append("partial (running sums of the interrupted epoch)")
-        if self.scaler is not None and "scaler" not in state:
-            missing.append("scaler (the float16 loss scale)")
-        if missing:
-            raise ResumeError(f"{folder}: checkpoint state lacks {missing}; cannot resume exactly")
-        _check_same_config(json.loads(state.get("config", "{}")), self.config, folder)
-        schedule = (state.get("epochs"), state.get("steps_per_epoch"))
-        if schedule != (self.epochs, self.steps_per_epoch):
-            raise ResumeError(
-                f"cannot resume from {folder}: it was trained for {schedule[0]} epochs of "
-                f"{schedule[1]} steps, this run has {self.epochs} epochs of "
-                f"{self.steps_per_epoch} steps (the LR schedule depends on both)"
-            )
-        if not hasattr(self.train_loader, "set_epoch"):
-            warnings.warn(
-                "train_loader has no set_epoch(): the resumed run cannot reproduce the batch "
-                "order of the interrupted one; use kdistill.data.loader.TensorBatchLoader for an "
-                "exact resume",
-                ResumeWarning,
-                stacklevel=3,
-            )
-        try:
-            if self._sharded:
-                student = {k[8:]: v for k, v in weights.items() if k.startswith("student.")}
-                distributed.load_full_state(
-                    self.distiller.student, student, self.optimizer, state["optimizer"]
-                )
-                terms = {k[6:]: v for k, v in weights.items() if k.startswith("terms.")}
-                self.distiller.terms.load_state_dict(terms)
-            else:
-                self.distiller.load_trainable_state_dict(weights)
-        except (RuntimeError, KeyError) as err:
-            raise ResumeError(
-                f"{folder / 'model.safetensors'} does not fit this run's student/adapters: {err}"
-            ) from None
-        if not self._sharded:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(_as_tuple(state["python_rng"]))
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.history = json.loads(state["history"])
-        self._consecutive_skips = int(state.get("consecutive_skips", 0))
-        epoch = int(state["epoch"])
-        if step:
-            saved = state["partial"]
-            self._partial = _Partial(
-                epoch,
-                step,
-                {k: v.to(self.device) for k, v in saved["sums"].items()},
-                saved["correct"].to(self.device),
-                int(saved["seen"]),
-                int(saved["skipped"]),
-                float(saved["elapsed_s"]),
-            )
-        self._restore_step_log(epoch * self.steps_per_epoch + step)
-        if self.progress:
-            where = f"epoch {epoch}" + (f", step {step}" if step else "")
-            tqdm.write(f"resumed from {folder} ({where})")
-        return epoch
-
-    def _restore_step_log(self, global_step: int) -> None:
-        """Cut ``steps.jsonl`` back to the checkpoint's steps (the rest is redone)."""
-        path = self.output_dir / STEP_LOG
-        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-        kept = lines[:global_step]
-        if len(kept) < global_step or (kept and not kept[-1].endswith("\n")):
-            warnings.warn(
-                f"{path} holds {len(kept)} of the {global_step} steps before the checkpoint; "
-                "the per-step log of the resumed run has a gap",
-                ResumeWarning,
-                stacklevel=4,
-            )
-        distributed.barrier()  # every rank has read the log before rank 0 cuts it
-        if distributed.is_main():
-            atomic_write_text(path, "".join(kept))
-        self._pending_steps = []
+        state, saved = restored
+        self.history = state.history
+        self._consecutive_skips = state.consecutive_skips
+        self._partial = state.partial
+        self.epoch = state.epoch
+        self.global_step = state.epoch * self.steps_per_epoch + state.step
+        self.callbacks.fire("on_load_checkpoint", self, saved)
+        return state.epoch
 
     def _tensorboard_writer(self) -> Any:
         """A ``SummaryWriter`` on ``output_dir/tensorboard``, or ``None`` (off or not installed)."""
@@ -833,6 +737,8 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the tensorboard package is optional
+            if self.progress:
+                tqdm.write("train.tensorboard: the tensorboard package is not installed; skipped")
             return None
         return SummaryWriter(str(self.output_dir / "tensorboard"))
 
@@ -849,53 +755,18 @@ class Trainer:
         atomic_write_text(self.output_dir / "metrics.csv", buffer.getvalue())
 
 
-def _check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], folder: Path) -> None:
-    """Raise :class:`ResumeError` for differences that change training; warn for the rest."""
-    if not saved and not current:
-        return
-    if not saved or not current:
-        which = "the checkpoint has no config" if not saved else "this run gives no config"
-        warnings.warn(
-            f"resuming from {folder}: {which}, so the configs cannot be compared",
-            ResumeWarning,
-            stacklevel=4,
+def _check_shardable(model: Any, amp: str) -> None:
+    if amp == "fp16":
+        raise ValueError(
+            'amp="fp16" (a GradScaler) is not supported with an FSDP-sharded student; '
+            'use amp="bf16" or "none"'
         )
-        return
-    before, after = _flatten(saved), _flatten(current)
-    differ = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    harmless = [
-        k for k in differ if any(k == p or k.startswith(p + ".") for p in RESUMABLE_DIFFERENCES)
-    ]
-    changed = [k for k in differ if k not in harmless]
-    if harmless and not changed:
-        details = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in harmless)
-        warnings.warn(
-            f"resuming from {folder} with settings that differ but do not change training: "
-            f"{details}",
-            ResumeWarning,
-            stacklevel=4,
+    terms = getattr(model, "terms", None)
+    if terms is not None and any(p.requires_grad for p in terms.parameters()):
+        raise ValueError(
+            "an FSDP-sharded student cannot be trained with loss-term adapters (they "
+            "would need sharding too); use DDP or terms without trainable parameters"
         )
-    if changed:
-        details = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
-        raise ResumeError(
-            f"cannot resume from {folder}: the config changed in ways that change training "
-            f"({details}). Resume with the original config or start a new output_dir."
-        )
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _format_row(row: Mapping[str, Any]) -> str:

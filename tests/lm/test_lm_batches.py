@@ -20,13 +20,11 @@ from kdistill.lm.batches import (  # noqa: E402
     ByteTokenizer,
     CausalLMCollator,
     ExampleLoader,
-    TokenCrossEntropy,
-    TokenKDLoss,
     causal_lm_labels,
     evaluate_lm,
     model_outputs,
-    token_cross_entropy,
 )
+from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss, token_cross_entropy  # noqa: E402
 from kdistill.trainer import Trainer  # noqa: E402
 
 VOCAB = 50

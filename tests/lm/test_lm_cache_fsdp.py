@@ -29,14 +29,8 @@ from kdistill.distiller import call_model, output_logits  # noqa: E402
 from kdistill.lm.batches import IGNORE_INDEX  # noqa: E402
 from kdistill.lm.config import load_lm_config  # noqa: E402
 from kdistill.lm.divergences import token_divergence  # noqa: E402
-from kdistill.lm.train import (  # noqa: E402
-    TOPK,
-    TopKTokenKDLoss,
-    build_lm_run,
-    pack_topk,
-    run_lm,
-    unpack_topk,
-)
+from kdistill.lm.topk import TOPK, TopKTokenKDLoss, pack_topk, unpack_topk  # noqa: E402
+from kdistill.lm.train import build_lm_run, run_lm  # noqa: E402
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "lm"
 TEXT = EXAMPLES / "tiny.txt"

@@ -11,12 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from kdistill.distiller import Distiller, LossTerm  # noqa: E402
-from kdistill.lm.batches import (  # noqa: E402
-    IGNORE_INDEX,
-    CausalLMCollator,
-    TokenCrossEntropy,
-    TokenKDLoss,
-)
+from kdistill.lm.batches import IGNORE_INDEX, CausalLMCollator  # noqa: E402
+from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss  # noqa: E402
 from kdistill.lm.seqkd import (  # noqa: E402
     GenerationSettings,
     OnPolicyLoader,

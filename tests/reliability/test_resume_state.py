@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from reliability_tiny import STEPS_PER_EPOCH, config, trainer
 
+from kdistill.callbacks import LambdaCallback
 from kdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdistill.trainer import RESUMABLE_DIFFERENCES, ResumeError, ResumeWarning, Trainer
 
@@ -20,8 +21,11 @@ class Interrupted(Exception):
 class StopMidEpoch(Trainer):
     """Raises right after the first mid-epoch checkpoint of the second epoch."""
 
-    def _save_checkpoint(self, epoch: int, step: int, partial: Any) -> None:
-        super()._save_checkpoint(epoch, step, partial)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.callbacks.callbacks.append(LambdaCallback(on_checkpoint_saved=self._stop))
+
+    def _stop(self, trainer: Trainer, epoch: int, step: int) -> None:
         if epoch == 1 and step:
             raise Interrupted
 

@@ -8,6 +8,7 @@ import torch
 from scheme_helpers import CLASSES, TinyCNN, blobs, mlp
 from torch import nn
 
+from kdistill.callbacks import LambdaCallback
 from kdistill.config import OptimConfig
 from kdistill.data.loader import TensorBatchLoader, random_shift_flip
 from kdistill.losses import cross_entropy, kd_loss
@@ -86,21 +87,21 @@ def test_ema_buffers_are_copied_or_the_teachers_own() -> None:
     assert not own.model.training
 
 
-def test_the_scheme_steps_the_ema_at_the_start_of_each_training_forward(tmp_path: Path) -> None:
-    """EMA after a Trainer run == the hand recursion over the weights after each step."""
+def test_the_ema_updates_right_after_each_optimizer_step(tmp_path: Path) -> None:
+    """EMA after a Trainer run == the hand recursion over the weights after each step, and the
+    teacher read between two steps already holds the update of the step just taken."""
     x, y = blobs(64)
     loader = TensorBatchLoader(x, y, batch_size=16, shuffle=True, drop_last=True)
     student = mlp(8)
     scheme = MeanTeacher(student, momentum=0.8, final_momentum=1.0, augment=None)
-    recorded: list[torch.Tensor] = []
-    original = scheme.forward
+    initial = student[0].weight.detach().clone()
+    after_step: list[torch.Tensor] = []  # the student's weights after each optimizer step
+    teacher_between: list[torch.Tensor] = []  # the EMA read between steps (at batch end)
 
-    def recording(*args, **kwargs):  # the weights the previous optimizer step produced
-        if scheme.training and torch.is_grad_enabled():
-            recorded.append(student[0].weight.detach().clone())
-        return original(*args, **kwargs)
+    def record(trainer: Trainer, step: int, out: object) -> None:
+        after_step.append(student[0].weight.detach().clone())
+        teacher_between.append(scheme.teacher.model[0].weight.detach().clone())
 
-    scheme.forward = recording  # type: ignore[method-assign]
     train_scheme(
         scheme,
         loader,
@@ -109,31 +110,32 @@ def test_the_scheme_steps_the_ema_at_the_start_of_each_training_forward(tmp_path
         2,
         tmp_path,
         progress=False,
+        callbacks=[LambdaCallback(on_batch_end=record)],
     )
     total = 2 * len(loader)
-    assert scheme.total_steps == total and len(recorded) == total
-    expected = recorded[0]
-    for k, weights in enumerate(recorded[1:]):
+    assert scheme.total_steps == total and len(after_step) == total
+    expected = initial  # xi = theta at the start of training
+    for k, weights in enumerate(after_step):
         m = momentum_at(k, total, 0.8, 1.0)
         expected = m * expected + (1 - m) * weights
+        torch.testing.assert_close(teacher_between[k], expected)  # updated before step k + 1
     torch.testing.assert_close(scheme.teacher.model[0].weight, expected)
-    assert int(scheme.teacher.num_updates) == total - 1
-    final = student[0].weight.detach().clone()
-    scheme.finalize()  # the pending update after the last optimizer step
-    m = momentum_at(total - 1, total, 0.8, 1.0)
-    torch.testing.assert_close(scheme.teacher.model[0].weight, m * expected + (1 - m) * final)
+    assert int(scheme.teacher.num_updates) == total  # nothing pending: no finalize()
+    assert not hasattr(scheme, "finalize")
 
 
-def test_no_ema_update_outside_training() -> None:
+def test_no_ema_update_in_the_forward() -> None:
     scheme = MeanTeacher(mlp(8), schedule="constant", augment=None)
     x, y = blobs(8)
+    before = scheme.teacher.model[0].weight.detach().clone()
     scheme.eval()
     scheme(x, y)
     with torch.no_grad():
         scheme.train()(x, y)
     assert not bool(scheme.teacher.initialized) and int(scheme.steps) == 0
-    scheme.train()(x, y)
-    assert bool(scheme.teacher.initialized) and int(scheme.steps) == 1
+    scheme.train()(x, y)  # a training forward counts the step but leaves the EMA alone
+    assert int(scheme.steps) == 1 and int(scheme.teacher.num_updates) == 0
+    torch.testing.assert_close(scheme.teacher.model[0].weight, before)
 
 
 def test_mean_teacher_ce_on_labelled_rows_and_consistency_on_all_rows() -> None:
@@ -169,9 +171,14 @@ def test_sigmoid_rampup() -> None:
 
 
 class CrashAfterFirst(Trainer):
-    def _save(self, epochs_done: int) -> None:
-        super()._save(epochs_done)
-        if epochs_done == 1:
+    """'Crashes' right after the checkpoint of the first epoch is on disk."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.callbacks.callbacks.append(LambdaCallback(on_checkpoint_saved=self._crash))
+
+    def _crash(self, trainer: Trainer, epoch: int, step: int) -> None:
+        if epoch == 1 and step == 0:
             raise KeyboardInterrupt
 
 
@@ -231,15 +238,10 @@ def test_dino_trains_the_student_only_and_centers_the_teacher() -> None:
         augment=random_shift_flip,
         schedule="constant",
     )
-    out = dino(images)  # first training forward: EMA initialised, center updated
+    out = dino(images)  # first training forward: center updated
     assert out["logits"].shape == (8, 16)
-    assert set(out) == {
-        "loss",
-        "logits",
-        "dino_loss",
-        "teacher_entropy_loss",
-        "teacher_sample_entropy_loss",
-    }
+    assert set(out) == {"loss", "logits", "dino_loss", "metrics"}  # diagnostics apart
+    assert set(out["metrics"]) == {"teacher_entropy", "teacher_sample_entropy"}
     out["loss"].backward()
     assert (
         backbone.conv1[0].weight.grad is not None and dino.network.head.last.weight.grad is not None

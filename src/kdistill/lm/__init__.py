@@ -18,9 +18,11 @@ Batches, objectives and training:
 
 - :mod:`kdistill.lm.batches` — :class:`CausalLMCollator` (right padding, ``attention_mask``,
   labels ``-100`` on padding and prompt, the causal shift done once in
-  :func:`causal_lm_labels`), :class:`ExampleLoader`, :class:`TokenKDLoss` /
-  :class:`TokenCrossEntropy` as :class:`~kdistill.distiller.Distiller` terms over HF
-  models, :func:`evaluate_lm` (per-token accuracy, cross-entropy, perplexity).
+  :func:`causal_lm_labels`), :class:`ExampleLoader`, :func:`evaluate_lm` (per-token
+  accuracy, cross-entropy, perplexity).
+- :mod:`kdistill.lm.losses` — :class:`TokenKDLoss` / :class:`TokenCrossEntropy` as
+  :class:`~kdistill.distiller.Distiller` terms over HF models;
+  :mod:`kdistill.lm.topk` — the same against a cached top-k teacher.
 - :mod:`kdistill.lm.seqkd` — sequence-level KD (Kim & Rush 2016) from the teacher's
   ``generate`` and GKD-style on-policy mixing (:class:`OnPolicyLoader`).
 - :mod:`kdistill.lm.distilbert` — DistilBERT's triple loss and its masked-LM collator.
@@ -38,12 +40,9 @@ from kdistill.lm.batches import (
     ByteTokenizer,
     CausalLMCollator,
     ExampleLoader,
-    TokenCrossEntropy,
-    TokenKDLoss,
     causal_lm_labels,
     evaluate_lm,
     model_outputs,
-    token_cross_entropy,
 )
 from kdistill.lm.distilbert import (
     DISTILBERT_TEMPERATURE,
@@ -64,6 +63,7 @@ from kdistill.lm.divergences import (
     token_divergence_reference,
 )
 from kdistill.lm.fused import FusedLinearDivergenceLoss, fused_linear_divergence
+from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss, token_cross_entropy
 from kdistill.lm.seqkd import (
     GenerationSettings,
     OnPolicyLoader,

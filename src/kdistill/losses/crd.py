@@ -122,6 +122,10 @@ class CRDLoss(nn.Module):
     """
 
     requires_index = True
+    ddp_unsupported = (
+        "its memory banks of past embeddings are updated per sample and would differ between "
+        "processes (each sees only its share of the data)"
+    )
 
     memory_student: Tensor
     memory_teacher: Tensor

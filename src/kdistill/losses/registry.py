@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdistill.lm import TokenDivergenceLoss
 from kdistill.losses.attention import AttentionTransferLoss
 from kdistill.losses.correlation import CorrelationCongruenceLoss
 from kdistill.losses.cosine import CosineLoss
@@ -34,9 +33,9 @@ LOSSES.add("cc", CorrelationCongruenceLoss)
 LOSSES.add("dkd", DKDLoss)
 LOSSES.add("dist", DISTLoss)
 LOSSES.add("crd", CRDLoss)
-LOSSES.add(
-    "token_divergence", TokenDivergenceLoss
-)  # LM token-level KD, chunked over tokens  # student_dim, teacher_dim, num_samples filled in from a dry run
+# LM token-level KD, chunked over tokens; imported on first use, so vision runs never load
+# the language-model package
+LOSSES.add("token_divergence", "kdistill.lm.divergences:TokenDivergenceLoss")
 # dense prediction (detection / segmentation): kdistill.losses.dense
 LOSSES.add("cwd", "kdistill.losses.dense:ChannelWiseDistillationLoss")
 LOSSES.add("pkd", "kdistill.losses.dense:PearsonFeatureLoss")

@@ -27,7 +27,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (trainable or not) — what "model size" means in reports."""
+    """Number of parameters (trainable or not; a shared/tied tensor once) — "model size"."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -5,8 +5,11 @@ The :class:`~kdistill.trainer.Trainer` never checks types; it calls
 - ``trainable_parameters()`` once, to build the optimizer;
 - ``train()`` before each epoch and ``set_progress(epoch_float)`` before each step;
 - ``forward(x, y, teacher_outputs=..., index=...)`` returning a dict with ``loss`` (with
-  gradients), ``logits`` (detached, ``(B, C)``, used for the running train accuracy) and any
-  number of detached ``"<part>_loss"`` scalars (logged as ``train_<part>_loss``);
+  gradients), ``logits`` (detached, ``(B, C)``, used for the running train accuracy), any
+  number of detached ``"<part>_loss"`` scalars (logged as ``train_<part>_loss``) and
+  optionally ``metrics`` (diagnostics, logged as ``train_<name>`` whatever the name);
+- ``callbacks()`` once — the Trainer callbacks the scheme acts through (the run's total
+  number of steps at the start, an EMA update after every optimizer step);
 - ``student`` — the module evaluated every epoch and saved as ``student.safetensors``;
 - ``trainable_state_dict()`` / ``load_trainable_state_dict()`` for checkpoints and resume.
 
@@ -24,9 +27,20 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from kdistill.callbacks import Callback
 from kdistill.config import OptimConfig
 from kdistill.distiller import Distiller
 from kdistill.trainer import FitResult, Trainer
+
+
+class ConfigureSteps(Callback):
+    """Tells a scheme the run's total number of optimizer steps when training starts."""
+
+    def __init__(self, scheme: Scheme) -> None:
+        self.scheme = scheme
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.scheme.configure(trainer.total_steps)
 
 
 class Scheme(nn.Module):
@@ -37,6 +51,7 @@ class Scheme(nn.Module):
     """
 
     frozen_prefixes: tuple[str, ...] = ()
+    ddp_unsupported: str | None = None  # why the scheme cannot run under torchrun, if it cannot
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,11 +67,15 @@ class Scheme(nn.Module):
     def configure(self, total_steps: int) -> None:
         """Tell the scheme how many optimizer steps the run has (momentum schedules).
 
-        :func:`train_scheme` calls it; with a bare ``Trainer`` call it yourself.
+        The Trainer calls it at the start of training (:class:`ConfigureSteps`).
         """
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.total_steps = int(total_steps)
+
+    def callbacks(self) -> list[Callback]:
+        """The Trainer callbacks this scheme acts through (attached by the Trainer)."""
+        return [ConfigureSteps(self)]
 
     # -- parameters and checkpoints ------------------------------------------------------
 
@@ -97,16 +116,15 @@ def train_scheme(
     resume: bool = False,
     **trainer_kwargs: Any,
 ) -> FitResult:
-    """Train a scheme with the standard :class:`~kdistill.trainer.Trainer`.
+    """Train a scheme with the standard :class:`~kdistill.trainer.Trainer` (Python API).
 
-    Tells the scheme the run's total number of optimizer steps first (``configure``), which
-    EMA momentum schedules need; ``trainer_kwargs`` go to the Trainer (device, progress,
-    config, checkpoint_every, ...).
+    The Trainer attaches the scheme's own callbacks (total steps, EMA updates);
+    ``trainer_kwargs`` go to the Trainer (device, progress, config, amp, callbacks, ...).
+    Scheme *files* run through :func:`kdistill.schemes.runner.run_scheme`, which builds the
+    Trainer from the config like every other entry point.
     """
-    if isinstance(scheme, Scheme):  # a plain Distiller has nothing to configure
-        scheme.configure(epochs * len(train_loader))  # type: ignore[arg-type]
     trainer = Trainer(
-        scheme,  # type: ignore[arg-type]  # duck-typed Distiller
+        scheme,  # type: ignore[arg-type]
         train_loader,
         eval_loader,
         optim,

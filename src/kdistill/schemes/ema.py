@@ -14,16 +14,15 @@ BatchNorm normalises with the batch's statistics and updates the teacher's *own*
 statistics, which match its own weights; with ``"copy"`` the averaged model always runs in
 eval mode and its buffers are copied from the student at every update.
 
-**When the update happens.** The Trainer cannot be told to call anything after
-``optimizer.step()``, so the schemes update the EMA at the *start* of each training
-forward, from the weights the previous optimizer step produced: the forward of step ``s``
-(0-based) first calls :meth:`EMATeacher.step`, which on ``s = 0`` initialises ``ξ = θ`` and on
-``s ≥ 1`` applies update ``k = s − 1`` with ``m_{s−1}`` — exactly the sequence of updates that
-an "update after every optimizer step" loop applies, each one step later. The update after
-the run's last step is therefore still pending when training ends; call
-:meth:`EMATeacher.step` once more (``scheme.finalize()``) to apply it. The EMA weights and
-the update counter are part of the scheme's checkpoint, so a resumed run continues the
-same sequence. (A batch skipped as non-finite still counts as a step.)
+**When the update happens.** Right after every applied optimizer step, through a Trainer
+callback (:class:`EMAUpdate`, which every EMA scheme attaches through ``callbacks()``): at the
+start of training ``ξ = θ`` (unless a resumed checkpoint holds the average already), and
+after optimizer step ``k`` (0-based, counted by ``num_updates``) ``ξ ← m_k·ξ + (1 − m_k)·θ``.
+So after a run of ``K`` steps the average has had all ``K`` updates, and the forward of step
+``s`` sees the average of the weights up to step ``s − 1``. A batch skipped as non-finite
+takes no optimizer step and makes no EMA update. The EMA weights and the update counter
+are part of the scheme's checkpoint, so a resumed run continues the same sequence. Training
+such a scheme by hand: call :meth:`EMATeacher.step` after each ``optimizer.step()``.
 
 Schemes:
 
@@ -46,12 +45,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kdistill import distributed
+from kdistill.callbacks import Callback
 from kdistill.data.loader import random_shift_flip
 from kdistill.distiller import freeze
 from kdistill.losses import kd_loss
@@ -206,8 +207,28 @@ def sigmoid_rampup(epoch: float, ramp_up_epochs: float) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+class EMAUpdate(Callback):
+    """Updates an :class:`EMATeacher` right after every applied optimizer step.
+
+    At the start of training the average is set to the student (``ξ = θ``) unless it was
+    initialised already (a resumed run restores it from the checkpoint).
+    """
+
+    def __init__(self, teacher: EMATeacher) -> None:
+        self.teacher = teacher
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if not bool(self.teacher.initialized):
+            self.teacher.reset()
+
+    def on_optimizer_step(self, trainer: Any, step: int) -> None:
+        momentum = self.teacher.step()
+        if momentum is not None:
+            trainer.log_metric("ema_momentum", momentum)
+
+
 class _EMAScheme(Scheme):
-    """Shared bookkeeping: an EMA teacher stepped at the start of each training forward."""
+    """Shared bookkeeping: an EMA teacher updated after each optimizer step (:class:`EMAUpdate`)."""
 
     teacher: EMATeacher
     steps: Tensor
@@ -220,16 +241,12 @@ class _EMAScheme(Scheme):
         super().configure(total_steps)
         self.teacher.configure(total_steps)
 
-    def _training_step(self) -> bool:
-        """In a training forward, step the EMA; returns whether this forward is a training step."""
-        if not (self.training and torch.is_grad_enabled()):
-            return False
-        self.teacher.step()
-        return True
+    def callbacks(self) -> list[Callback]:
+        return [*super().callbacks(), EMAUpdate(self.teacher)]
 
-    def finalize(self) -> float | None:
-        """Apply the EMA update for the last optimizer step (see the module doc)."""
-        return self.teacher.step()
+    def _training_step(self) -> bool:
+        """Whether this forward is a training step (training mode, gradients on)."""
+        return self.training and torch.is_grad_enabled()
 
 
 class MeanTeacher(_EMAScheme):
@@ -445,11 +462,12 @@ class DINO(_EMAScheme):
             layer is untrained; its test accuracy means nothing).
 
     ``forward`` ignores labels. It returns ``loss``, ``logits`` (the student's projection of
-    view 0 — ``train_accuracy`` is meaningless here), ``dino_loss``, and two collapse
-    diagnostics that are *not* part of the loss: ``teacher_entropy_loss``, the entropy of the
-    batch-mean teacher target (→ 0 when every image maps to one dimension), and
-    ``teacher_sample_entropy_loss``, the mean entropy of the per-image targets (→ ``log K``
-    when the targets flatten to uniform). Healthy training keeps the first high and the
+    view 0 — ``train_accuracy`` is meaningless here), ``dino_loss``, and on the metrics
+    channel two collapse diagnostics that are *not* part of the loss: ``teacher_entropy``,
+    the entropy of the batch-mean teacher target (→ 0 when every image maps to one
+    dimension), and ``teacher_sample_entropy``, the mean entropy of the per-image targets
+    (→ ``log K`` when the targets flatten to uniform). Under ``torchrun`` the center is
+    updated with the mean over every rank's share of the batch, as in the DINO code. Healthy training keeps the first high and the
     second well below ``log K``.
     """
 
@@ -539,7 +557,10 @@ class DINO(_EMAScheme):
     @torch.no_grad()
     def update_center(self, teacher_out: list[Tensor]) -> None:
         """``c ← m_c · c + (1 − m_c) · mean of the teacher outputs over the batch and views``."""
-        batch_center = torch.cat(teacher_out).float().mean(0, keepdim=True)
+        outputs = torch.cat(teacher_out).float()  # (V·B, K)
+        total = distributed.all_sum(outputs.sum(0, keepdim=True))  # every rank's batch share
+        count = outputs.shape[0] * distributed.world_size()
+        batch_center = total / count
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
     def forward(
@@ -578,6 +599,8 @@ class DINO(_EMAScheme):
             "loss": loss,
             "logits": student_out[0].detach(),
             "dino_loss": loss.detach(),
-            "teacher_entropy_loss": entropy_of_mean,
-            "teacher_sample_entropy_loss": mean_entropy,
+            "metrics": {
+                "teacher_entropy": entropy_of_mean,
+                "teacher_sample_entropy": mean_entropy,
+            },
         }

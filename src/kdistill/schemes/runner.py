@@ -25,23 +25,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill import distributed
 from kdistill.checkpoint import atomic_write_text, save_weights
 from kdistill.config import ConfigError, ExperimentConfig, ModelConfig
 from kdistill.data.loader import TensorBatchLoader, random_shift_flip
 from kdistill.distiller import Distiller, LossTerm
 from kdistill.experiment import (
-    _check_cacheable,
     augmentation,
     build_terms,
-    cache_teacher_outputs,
+    cached_teacher_outputs,
     load_data,
     load_model,
     probe_terms,
 )
 from kdistill.losses import LabelSmoothingCrossEntropy
 from kdistill.models import count_parameters
+from kdistill.runtime import RunContext, build_trainer, start_run
 from kdistill.schemes.augment import random_resized_crop
-from kdistill.schemes.base import train_scheme
 from kdistill.schemes.config import SchemeConfig
 from kdistill.schemes.ema import DINO, MeanTeacher
 from kdistill.schemes.knn import extract_features, knn_accuracy
@@ -58,7 +58,7 @@ from kdistill.schemes.unlabelled import (
     pseudo_label,
     semi_supervised_terms,
 )
-from kdistill.trainer import FitResult, Trainer, evaluate, resolve_device, seed_everything
+from kdistill.trainer import FitResult, evaluate
 
 
 @dataclass
@@ -71,11 +71,15 @@ class SchemeRunResult:
 class _Context:
     cfg: ExperimentConfig
     scheme: SchemeConfig
-    device: torch.device
+    run: RunContext
     train: tuple[Tensor, Tensor]
     test: tuple[Tensor, Tensor]
     eval_loader: TensorBatchLoader
     resume: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
 
 
 @dataclass
@@ -97,13 +101,10 @@ def run_scheme(
         raise ConfigError("stages: schemes run one stage; drop stages: or use kdistill run")
     if scheme.name == "born_again":
         return _run_born_again(cfg, scheme, resume)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    device = resolve_device(cfg.train.device)
+    run = start_run(cfg.seed, cfg.train)
     train, test = load_data(cfg)
     eval_loader = TensorBatchLoader(*test, batch_size=cfg.data.eval_batch_size)
-    ctx = _Context(cfg, scheme, device, train, test, eval_loader, resume)
+    ctx = _Context(cfg, scheme, run, train, test, eval_loader, resume)
     built = _BUILDERS[scheme.name](ctx)
     train_loader = TensorBatchLoader(
         **built.loader_tensors,
@@ -112,26 +113,25 @@ def run_scheme(
         augment=augmentation(cfg) if cfg.data.augment else False,
         drop_last=True,
         seed=cfg.seed,
+        rank=run.rank,
+        world_size=run.world_size,
     )
     if len(train_loader) == 0:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} is more than the {train[0].shape[0]} "
             "training samples (the last short batch is dropped)"
         )
-    fit = train_scheme(
+    trainer = build_trainer(
         built.model,
         train_loader,
         eval_loader,
-        cfg.optim,
-        cfg.train.epochs,
-        cfg.output_dir,
-        resume=resume,
-        device=device,
-        progress=cfg.train.progress,
+        optim=cfg.optim,
+        train=cfg.train,
+        output_dir=cfg.output_dir,
         config={**cfg.to_dict(), "scheme": scheme.to_dict()},
-        checkpoint_every=cfg.train.checkpoint_every,
-        skip_nonfinite=cfg.train.skip_nonfinite,
+        device=run.device,
     )
+    fit = trainer.fit(resume=resume)
     summary: dict[str, Any] = {
         "scheme": scheme.to_dict(),
         "student": {
@@ -147,9 +147,10 @@ def run_scheme(
         "seconds": sum(r["epoch_time_s"] for r in fit.history),
         "config": cfg.to_dict(),
     }
-    if built.after is not None:
+    if built.after is not None and distributed.is_main():  # evaluations and files: rank 0
         summary.update(built.after(fit))
-    _write_summary(cfg, summary)
+    if distributed.is_main():
+        _write_summary(cfg, summary)
     return SchemeRunResult(summary, fit)
 
 
@@ -194,17 +195,19 @@ def _pretrain(
         augment=augmentation(cfg) if cfg.data.augment else False,
         drop_last=True,
         seed=cfg.seed,
+        rank=ctx.run.rank,
+        world_size=ctx.run.world_size,
     )
-    trainer = Trainer(
+    trainer = build_trainer(
         distiller,
         loader,
         ctx.eval_loader,
-        cfg.optim,
-        epochs,
-        output_dir,
-        device=ctx.device,
-        progress=cfg.train.progress,
+        optim=cfg.optim,
+        train=cfg.train,
+        output_dir=output_dir,
         config={"pretrain": cfg.to_dict(), "samples": int(x.shape[0])},
+        device=ctx.device,
+        epochs=epochs,
     )
     return str(trainer.fit(resume=ctx.resume).student_path)
 
@@ -228,25 +231,15 @@ def _ready_teacher(
 
 def _distiller_with_cache(
     ctx: _Context, student: nn.Module, teacher: nn.Module, terms: list[LossTerm]
-) -> tuple[Distiller, dict[str, Tensor]]:
-    """A Distiller, and the teacher-output cache when ``distill.cache_teacher`` allows one."""
+) -> tuple[Distiller, dict[str, Any]]:
+    """A Distiller, and the teacher-output cache (in memory, or on disk with
+    ``distill.cache_dir``) when ``distill.cache_teacher`` allows one."""
     cfg = ctx.cfg
     distiller = Distiller(student, terms, teacher if any(t.uses_teacher for t in terms) else None)
     distiller.build_adapters(ctx.train[0][: min(8, ctx.train[0].shape[0])])
-    cached: dict[str, Tensor] = {}
+    cached: dict[str, Any] = {}
     if distiller.teacher is not None and cfg.distill.cache_teacher:
-        _check_cacheable(cfg)
-        teacher.to(ctx.device)
-        cached = cache_teacher_outputs(
-            teacher,
-            distiller.teacher_keys,
-            ctx.train[0],
-            cfg.data.eval_batch_size,
-            ctx.device,
-            getattr(torch, cfg.distill.cache_dtype),
-        )
-        distiller.drop_teacher()
-        teacher.cpu()
+        cached = cached_teacher_outputs(cfg, distiller, teacher, ctx.train[0], ctx.device)
     return distiller, cached
 
 
@@ -351,7 +344,6 @@ def _build_mean_teacher(ctx: _Context) -> _Built:
     )
 
     def after(fit: FitResult) -> dict[str, Any]:
-        scheme.finalize()  # the EMA update after the last optimizer step
         path = save_weights(
             Path(cfg.output_dir) / "ema_teacher.safetensors", scheme.teacher.model.state_dict()
         )
@@ -413,8 +405,6 @@ def _build_dino(ctx: _Context) -> _Built:
         raise ConfigError(f"scheme.dino: {err}") from None
 
     def after(fit: FitResult) -> dict[str, Any]:
-        scheme.finalize()
-
         def knn(model: nn.Module) -> float:
             model.to(ctx.device)
             train_f = extract_features(model, x, s.feature_layer, cfg.data.eval_batch_size)
@@ -465,7 +455,8 @@ def _build_multi_teacher(ctx: _Context) -> _Built:
     ensemble_accuracy = _accuracy(ensemble, ctx)
     student = _student(cfg)
     context = probe_terms(cfg.distill, student, ensemble, x[:8], int(x.shape[0]))
-    terms = build_terms(cfg.distill, True, context)
+    uses = ["temperature"] if s.temperature is None else []  # the ensemble's temperature
+    terms = build_terms(cfg.distill, True, context, uses)
     distiller, cached = _distiller_with_cache(ctx, student, ensemble, terms)
     summary_teacher = {
         "model": "multi_teacher",
