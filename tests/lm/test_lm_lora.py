@@ -292,3 +292,39 @@ def test_gradient_checkpointing_of_a_plain_module_is_an_error() -> None:
         ConfigError, match=r"student\.gradient_checkpointing: the student \(Linear\)"
     ):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_lora_student_distils_in_the_distiller_on_masked_chat_labels() -> None:
+    from kdistill.distiller import Distiller, LossTerm
+    from kdistill.lm import TokenCrossEntropy, TokenKDLoss
+    from kdistill.lm.batches import CausalLMCollator
+
+    teacher = tiny_llama(seed=1)
+    student = apply_lora(tiny_llama(seed=2), LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    layer = peft_layer_name(student, "model.layers.1")
+    terms = [
+        LossTerm("kd", TokenKDLoss(), weight=0.5),
+        LossTerm("ce", TokenCrossEntropy(), weight=0.5, teacher=None),
+        LossTerm("hidden", torch.nn.MSELoss(), weight=0.1, student=layer, teacher="model.layers.1"),
+    ]
+    distiller = Distiller(student, terms, teacher=teacher)
+    trainable = list(distiller.trainable_parameters())
+    assert (
+        sum(p.numel() for p in trainable)
+        == trainable_parameter_count(student)
+        == LAYERS * 2 * ((16 + 16) + (16 + 8))
+    )
+    examples = [
+        {"input_ids": [1, 5, 6, 7, 8, 9, 2], "loss_mask": [0, 0, 0, 1, 1, 1, 1]},
+        {"input_ids": [1, 5, 6, 10, 2], "loss_mask": [0, 0, 0, 1, 1]},
+    ]
+    batch = CausalLMCollator(pad_token_id=0)(examples)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    distiller.train()
+    out = distiller(batch["inputs"], batch["target"])
+    assert torch.isfinite(out["loss"]) and {"kd_loss", "ce_loss", "hidden_loss"} <= out.keys()
+    out["loss"].backward()
+    optimizer.step()
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
