@@ -18,7 +18,6 @@ import torch
 
 from kdistill.lm.alignment import (
     AlignmentError,
-    CrossTokenizerCollator,
     SpanTokenizer,
     align_spans,
     alignment_tensors,
@@ -26,18 +25,16 @@ from kdistill.lm.alignment import (
 )
 from kdistill.lm.batches import ByteTokenizer, CausalLMCollator
 from kdistill.lm.bpb import bits_per_byte, evaluate_bits_per_byte, scoring_windows
-from kdistill.lm.divergences import KINDS, token_divergence, token_divergence_reference
-from kdistill.lm.uld import (
-    HybridULDLoss,
+from kdistill.lm.cross_tokenizer import (
+    CrossTokenizerCollator,
     TopKTeacher,
-    ULDLoss,
     VocabMap,
-    hybrid_divergence,
     served_teacher_topk,
-    uld_divergence,
     vocab_map,
     vocab_map_from_keys,
 )
+from kdistill.lm.divergences import KINDS, token_divergence, token_divergence_reference
+from kdistill.lm.uld import HybridULDLoss, ULDLoss, hybrid_divergence, uld_divergence
 
 transformers = pytest.importorskip("transformers")
 

@@ -37,7 +37,7 @@ compared.
 
 **Batches.** :func:`alignment_tensors` turns the groups of a batch into
 ``student_positions``, ``teacher_positions`` ``(B, G)`` and a ``mask`` ``(B, G)``;
-:class:`CrossTokenizerCollator` tokenises raw texts with both tokenizers and returns the
+:class:`kdistill.lm.cross_tokenizer.CrossTokenizerCollator` tokenises raw texts with both tokenizers and returns the
 student batch of :class:`~kdistill.lm.batches.CausalLMCollator`, the teacher's inputs and
 these tensors.
 """
@@ -46,20 +46,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from kdistill.config import ConfigError
-from kdistill.lm.batches import IGNORE_INDEX, ByteTokenizer, causal_lm_labels, pad_right
+from kdistill.lm.batches import ByteTokenizer
 
 __all__ = [
     "AlignedGroup",
     "AlignmentError",
-    "CrossTokenizerCollator",
     "SpanTokenizer",
     "TokenSpans",
     "align_spans",
@@ -521,95 +520,3 @@ def teacher_alignment_record(tokenizer: Any, text: str) -> dict[str, Any]:
         "byte_spans": [list(s) for s in spans.spans],
         "num_bytes": spans.num_bytes,
     }
-
-
-# --------------------------------------------------------------------------- collator
-
-
-def _text_of(example: Any, i: int) -> str:
-    if isinstance(example, str):
-        return example
-    if isinstance(example, Mapping) and isinstance(example.get("text"), str):
-        return example["text"]
-    raise ConfigError(
-        f"example {i}: CrossTokenizerCollator takes raw texts (str or {{'text': str}}), got "
-        f"{type(example).__name__}; both tokenizers must see the text itself"
-    )
-
-
-@dataclass
-class CrossTokenizerCollator:
-    """Tokenise raw texts with the student's and the teacher's tokenizer and align them.
-
-    Args:
-        student_tokenizer, teacher_tokenizer: any tokenizers :class:`SpanTokenizer` takes.
-        max_length: student tokens kept per text (``None`` = all).
-        teacher_max_length: teacher tokens kept (``None`` = all).
-        append_eos: append the student's EOS (as ``kdistill lm`` does, so it learns where a
-            text ends); the teacher gets its own EOS when it has one. EOS is zero-width, so
-            the last text byte closes a compared group when both sides have it.
-
-    ``collator(texts)`` → the batch of :class:`~kdistill.lm.batches.CausalLMCollator`
-    (``{"inputs": {"input_ids", "attention_mask"}, "target": labels, "prompt_lengths"}``)
-    plus ``"teacher_inputs": {"input_ids", "attention_mask"}`` (right-padded with the
-    teacher's pad id), ``"alignment": {"student_positions", "teacher_positions", "mask"}``
-    (:func:`alignment_tensors`; ``mask`` also requires the student's label there to count)
-    and ``"num_bytes"`` ``(B,)``, the UTF-8 bytes of each text.
-    """
-
-    student_tokenizer: Any
-    teacher_tokenizer: Any
-    max_length: int | None = None
-    teacher_max_length: int | None = None
-    append_eos: bool = False
-    student: SpanTokenizer = field(init=False, repr=False)
-    teacher: SpanTokenizer = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        for key in ("max_length", "teacher_max_length"):
-            value = getattr(self, key)
-            if value is not None and value < 2:
-                raise ConfigError(f"{key} must be >= 2 tokens or None, got {value}")
-        self.student = SpanTokenizer(self.student_tokenizer, "student tokenizer")
-        self.teacher = SpanTokenizer(self.teacher_tokenizer, "teacher tokenizer")
-        for side in (self.student, self.teacher):
-            if _pad_id(side) is None:
-                raise ConfigError(
-                    f"the {side.name} has neither a pad nor an EOS token; set tokenizer.pad_token"
-                )
-
-    def _tokenize(self, side: SpanTokenizer, text: str, length: int | None) -> TokenSpans:
-        spans = side.tokenize(text)
-        eos = getattr(side.tokenizer, "eos_token_id", None)
-        if self.append_eos and eos is not None and spans.input_ids[-1:] != [eos]:
-            end = spans.spans[-1][1] if spans.spans else 0
-            spans = TokenSpans([*spans.input_ids, eos], [*spans.spans, (end, end)], spans.num_bytes)
-        return spans.truncate(length)
-
-    def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
-        if not examples:
-            raise ValueError("cannot collate an empty list of texts")
-        texts = [_text_of(x, i) for i, x in enumerate(examples)]
-        student = [self._tokenize(self.student, t, self.max_length) for t in texts]
-        teacher = [self._tokenize(self.teacher, t, self.teacher_max_length) for t in texts]
-        groups = [align_spans(s.spans, t.spans) for s, t in zip(student, teacher, strict=True)]
-        s_ids, s_mask = pad_right([s.input_ids for s in student], _pad_id(self.student))
-        t_ids, t_mask = pad_right([t.input_ids for t in teacher], _pad_id(self.teacher))
-        labels = causal_lm_labels(s_ids, s_mask)  # (B, Ts)
-        alignment = alignment_tensors(groups)
-        counted = labels.gather(1, alignment["student_positions"]) != IGNORE_INDEX  # (B, G)
-        alignment["mask"] &= counted
-        return {
-            "inputs": {"input_ids": s_ids, "attention_mask": s_mask},
-            "target": labels,
-            "prompt_lengths": torch.zeros(len(texts), dtype=torch.long),
-            "teacher_inputs": {"input_ids": t_ids, "attention_mask": t_mask},
-            "alignment": alignment,
-            "num_bytes": torch.tensor([s.num_bytes for s in student], dtype=torch.long),
-        }
-
-
-def _pad_id(side: SpanTokenizer) -> int | None:
-    tok = side.tokenizer
-    pad = getattr(tok, "pad_token_id", None)
-    return pad if pad is not None else getattr(tok, "eos_token_id", None)

@@ -15,7 +15,7 @@ read exactly the same text. The vocabularies differ, so the ordinary divergences
 
 * **Hybrid** — after TRL's GOLD trainer (``ULDLoss._compute_hybrid_uld_loss``): tokens
   whose meaning is the same in both vocabularies (the same bytes, see
-  :func:`vocab_map`) form the matched set ``M``; the rest, ``U_s`` and ``U_t``, do not. With
+  :func:`~kdistill.lm.cross_tokenizer.vocab_map`) form the matched set ``M``; the rest, ``U_s`` and ``U_t``, do not. With
   ``p_M`` / ``q_M`` the two distributions restricted to ``M`` and renormalised over it
   (GOLD compares the unnormalised restrictions; renormalising keeps each ``kind`` a true
   divergence and lets :func:`~kdistill.lm.divergences.token_divergence` do the work)::
@@ -39,169 +39,35 @@ with its gradient taken in closed form in the forward pass — ``∂ULD/∂q_v =
 p_(r))`` at ``v``'s rank ``r``, then the softmax Jacobian — as ``token_divergence`` does;
 the matched term is ``token_divergence`` itself.
 
-Teachers: dense logits ``(B, T_t, V_t)`` from a live teacher, or :class:`TopKTeacher` — ids
+Teachers: dense logits ``(B, T_t, V_t)`` from a live teacher, or :class:`~kdistill.lm.cross_tokenizer.TopKTeacher` — ids
 and log-probabilities of ``k`` tokens per position (an on-disk top-k cache in the teacher's
-vocabulary, or a served teacher's ``top_logprobs`` mapped by :func:`served_teacher_topk`).
+vocabulary, or a served teacher's ``top_logprobs`` mapped by
+:func:`~kdistill.lm.cross_tokenizer.served_teacher_topk`).
 A top-k teacher is the top-k distribution renormalised (exact when ``k = V_t``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from kdistill.lm.alignment import (
-    AlignmentError,
-    SpanTokenizer,
-    TokenSpans,
-    align_spans,
-    alignment_tensors,
-    spans_from_pieces,
-)
+from kdistill.lm.cross_tokenizer import Teacher, TopKTeacher, VocabMap
 from kdistill.lm.divergences import token_divergence
 
 __all__ = [
     "HybridULDLoss",
-    "TopKTeacher",
     "ULDLoss",
-    "VocabMap",
     "hybrid_divergence",
-    "served_teacher_topk",
     "uld_divergence",
-    "vocab_map",
-    "vocab_map_from_keys",
 ]
 
 _CHUNK_BYTES = 32 << 20
 """Float32 working memory of one ULD chunk: rows = budget // (16 · V · 4 bytes)."""
-
-
-# --------------------------------------------------------------------------- teachers
-
-
-@dataclass(frozen=True)
-class TopKTeacher:
-    """A teacher known on ``k`` tokens per position.
-
-    ``log_probs`` ``(B, T_t, k)`` float (``-inf`` = no entry), ``ids`` ``(B, T_t, k)`` int
-    (``-1`` = no entry) into a vocabulary of ``vocab_size`` ids. A position with no entry has
-    no distribution and must not be compared.
-    """
-
-    log_probs: Tensor
-    ids: Tensor
-    vocab_size: int
-
-    def __post_init__(self) -> None:
-        if self.log_probs.shape != self.ids.shape or self.ids.dim() != 3:
-            raise ValueError(
-                f"TopKTeacher needs log_probs and ids of one shape (B, T, k); got "
-                f"{tuple(self.log_probs.shape)} and {tuple(self.ids.shape)}"
-            )
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((*self.ids.shape[:2], self.vocab_size))
-
-    def rows(self, flat_rows: Tensor) -> Tensor:
-        """Dense logits ``(n, vocab_size)`` (``-inf`` off the top-k) of flat positions."""
-        k = self.ids.shape[-1]
-        ids = self.ids.reshape(-1, k).index_select(0, flat_rows)  # (n, k)
-        values = self.log_probs.reshape(-1, k).index_select(0, flat_rows)
-        present = ids >= 0
-        if not bool(present.any(dim=-1).all()):
-            raise ValueError(
-                "a compared teacher position has no top-k entry (no distribution there); mask "
-                "it out of the alignment"
-            )
-        dense = values.new_full((ids.shape[0], self.vocab_size + 1), -math.inf)
-        slot = torch.where(present, ids.long(), self.vocab_size)  # absent entries → a spare column
-        dense.scatter_(1, slot, torch.where(present, values, -math.inf))
-        return dense[:, : self.vocab_size]
-
-
-Teacher = Tensor | TopKTeacher
-
-
-# --------------------------------------------------------------------------- vocabularies
-
-
-@dataclass(frozen=True)
-class VocabMap:
-    """Matched tokens: ``student_ids[i]`` and ``teacher_ids[i]`` mean the same text."""
-
-    student_ids: Tensor  # (M,) int64
-    teacher_ids: Tensor  # (M,) int64
-    student_vocab: int
-    teacher_vocab: int
-
-    @property
-    def size(self) -> int:
-        return int(self.student_ids.numel())
-
-    @property
-    def is_identity(self) -> bool:
-        n = self.student_vocab
-        return (
-            self.teacher_vocab == n
-            and self.size == n
-            and bool((self.student_ids == torch.arange(n)).all())
-            and bool((self.teacher_ids == torch.arange(n)).all())
-        )
-
-    def unmatched(self, side: str) -> Tensor:
-        vocab, ids = (
-            (self.student_vocab, self.student_ids)
-            if side == "student"
-            else (self.teacher_vocab, self.teacher_ids)
-        )
-        keep = torch.ones(vocab, dtype=torch.bool)
-        keep[ids] = False
-        return keep.nonzero().squeeze(1)
-
-    @classmethod
-    def shared_prefix(cls, student_vocab: int, teacher_vocab: int) -> VocabMap:
-        """The teacher's first ``student_vocab`` ids are the student's (served teachers)."""
-        ids = torch.arange(student_vocab)
-        return cls(ids, ids.clone(), student_vocab, teacher_vocab)
-
-
-def vocab_map_from_keys(
-    student_keys: Sequence[bytes | str], teacher_keys: Sequence[bytes | str]
-) -> VocabMap:
-    """Match ids whose keys are equal; the ``i``-th student id of a key with its ``i``-th
-    teacher id (so two identical vocabularies map id ``v`` to id ``v``)."""
-    pending: dict[bytes | str, list[int]] = {}
-    for i, key in enumerate(student_keys):
-        pending.setdefault(key, []).append(i)
-    for ids in pending.values():
-        ids.reverse()  # pop() takes the lowest id first
-    pairs = []
-    for j, key in enumerate(teacher_keys):
-        waiting = pending.get(key)
-        if waiting:
-            pairs.append((waiting.pop(), j))
-    s = torch.tensor([a for a, _ in pairs], dtype=torch.long)
-    t = torch.tensor([b for _, b in pairs], dtype=torch.long)
-    return VocabMap(s, t, len(student_keys), len(teacher_keys))
-
-
-def vocab_map(student_tokenizer: Any, teacher_tokenizer: Any) -> VocabMap:
-    """Tokens of the two tokenizers that stand for the same bytes.
-
-    Byte-level ``Ġthe``, SentencePiece ``▁the`` and ByteTokenizer-style tokens are compared
-    by their bytes (so a Llama-3 and a Llama-2 token for ``" the"`` match, which GOLD's
-    string comparison misses); special tokens and WordPiece tokens by their strings.
-    """
-    s = SpanTokenizer(student_tokenizer, "student tokenizer")
-    t = SpanTokenizer(teacher_tokenizer, "teacher tokenizer")
-    return vocab_map_from_keys(s.vocab_keys(), t.vocab_keys())
 
 
 # --------------------------------------------------------------------------- ULD maths
@@ -452,7 +318,7 @@ def hybrid_divergence(
     """``w_M · D_kind(p_M ‖ q_M) + w_U · ULD(p_U, q_U)`` per compared group (module docstring).
 
     Args:
-        vocab: the matched tokens (:func:`vocab_map`); its sizes must be the logits'.
+        vocab: the matched tokens (:func:`~kdistill.lm.cross_tokenizer.vocab_map`); its sizes must be the logits'.
         kind, beta, skew_alpha: the divergence on matched tokens, as in
             :func:`~kdistill.lm.divergences.token_divergence`.
         matched_weight, unmatched_weight: ``w_M``, ``w_U`` (both or neither); ``None`` =
@@ -557,7 +423,8 @@ class ULDLoss(_AlignedLoss):
 
 class HybridULDLoss(_AlignedLoss):
     """Module form of :func:`hybrid_divergence`; ``vocab=None`` takes the teacher's first
-    ``V_s`` ids as the student's (a served teacher mapped by :func:`served_teacher_topk`)."""
+        ``V_s`` ids as the student's (a served teacher mapped by
+    :func:`~kdistill.lm.cross_tokenizer.served_teacher_topk`)."""
 
     def __init__(
         self,
@@ -600,123 +467,3 @@ class HybridULDLoss(_AlignedLoss):
     def extra_repr(self) -> str:
         matched = "n/a" if self.vocab is None else self.vocab.size
         return f"kind={self.kind!r}, temperature={self.temperature}, matched={matched}"
-
-
-# --------------------------------------------------------------------------- served teachers
-
-
-def _field(record: Any, name: str) -> Any:
-    if isinstance(record, Mapping):
-        return record.get(name)
-    return getattr(record, name, None)
-
-
-def _record_bytes(record: Any) -> bytes:
-    raw = _field(record, "bytes")
-    if raw is not None:
-        return bytes(raw)
-    token = _field(record, "token")
-    if not isinstance(token, str):
-        raise AlignmentError(f"a logprobs record has no 'token' string: {record!r}")
-    return token.encode("utf-8")
-
-
-def _logaddexp(a: float, b: float) -> float:
-    high, low = max(a, b), min(a, b)
-    return high if low == -math.inf else high + math.log1p(math.exp(low - high))
-
-
-def _top_of(record: Any) -> Sequence[Any]:
-    top = _field(record, "top_logprobs")
-    if top is None:
-        top = _field(record, "top")
-    return top or ()
-
-
-def served_teacher_topk(
-    student: Sequence[TokenSpans],
-    records: Sequence[Sequence[Any]],
-    student_tokenizer: Any,
-    texts: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Map a served teacher's ``top_logprobs`` onto the student's side of the alignment.
-
-    ``records[b]`` is the per-token log-probability list the OpenAI-compatible server gave
-    for text ``b`` scored as a whole (``logprobs.content`` of a chat response, or
-    :class:`kdistill.serve.client.TokenLogprob` objects): token ``i`` with its ``token``
-    string, optional ``bytes`` and ``top_logprobs`` ``[{"token", "logprob", "bytes"}]``,
-    the teacher's distribution of token ``i`` given tokens ``< i``. So teacher *position*
-    ``j`` is "after ``j`` tokens": position 0 (zero-width, before the first token) holds
-    token 0's alternatives, position ``j`` token ``j``'s, the last position none (masked).
-
-    Alternatives are mapped by their bytes onto student ids (alternatives with the same bytes
-    are one text, their probabilities added); those no student token spells get ids
-    ``V_s, V_s + 1, …`` (shared by the batch). The result feeds
-    :func:`uld_divergence` (which needs only the sorted probabilities) and
-    :func:`hybrid_divergence` with ``VocabMap.shared_prefix(V_s, vocab_size)``.
-
-    Args:
-        student: the student's :class:`~kdistill.lm.alignment.TokenSpans` of each text.
-        records: per text, the teacher's token records.
-        student_tokenizer: gives the student's token bytes (vocab keys).
-        texts: when given, the teacher's tokens must spell each text byte for byte.
-
-    Returns:
-        ``{"teacher": TopKTeacher (B, n + 1, k), "alignment": {...}, "vocab": VocabMap}``.
-
-    Raises:
-        AlignmentError: the records do not spell the text.
-    """
-    if len(student) != len(records):
-        raise ValueError(f"{len(student)} student texts but {len(records)} teacher record lists")
-    wrapped = SpanTokenizer(student_tokenizer, "student tokenizer")
-    key_to_id: dict[bytes | str, int] = {}
-    for i, key in enumerate(wrapped.vocab_keys()):
-        key_to_id.setdefault(key, i)
-    v_s = wrapped.vocab_size
-    extra: dict[bytes, int] = {}
-    groups, rows = [], []
-    for b, (spans, recs) in enumerate(zip(student, records, strict=True)):
-        pieces = [_record_bytes(r) for r in recs]
-        data = b"".join(pieces)
-        text = None if texts is None else texts[b].encode("utf-8")
-        if text is not None and data == b" " + text and pieces[0].startswith(b" "):
-            pieces[0] = pieces[0][1:]  # SentencePiece's dummy-prefix "▁" is not text
-            data = text
-        if text is not None and data != text:
-            raise AlignmentError(
-                f"text {b}: the served teacher's tokens spell {data[:60]!r}… but the text is "
-                f"{texts[b][:60]!r}…; score the text itself (echo / prompt_logprobs)"
-            )
-        teacher_spans = [(0, 0), *spans_from_pieces(pieces)]  # position j = after j tokens
-        groups.append(align_spans(spans.spans, teacher_spans))
-        row = []
-        for j in range(len(teacher_spans)):
-            alternatives: dict[int, float] = {}  # alternatives with the same bytes add up
-            for alt in _top_of(recs[j]) if j < len(recs) else ():
-                key = _record_bytes(alt)
-                token_id = key_to_id.get(key)
-                if token_id is None:
-                    token_id = extra.setdefault(key, v_s + len(extra))
-                lp = float(_field(alt, "logprob"))
-                old = alternatives.get(token_id)
-                alternatives[token_id] = lp if old is None else float(_logaddexp(old, lp))
-            row.append(list(alternatives.items()))
-        rows.append(row)
-    width = max(len(r) for r in rows)
-    k = max((len(a) for r in rows for a in r), default=1) or 1
-    ids = torch.full((len(rows), width, k), -1, dtype=torch.long)
-    log_probs = torch.full((len(rows), width, k), -math.inf)
-    for b, row in enumerate(rows):
-        for j, alternatives in enumerate(row):
-            for slot, (token_id, lp) in enumerate(alternatives):
-                ids[b, j, slot], log_probs[b, j, slot] = token_id, lp
-    alignment = alignment_tensors(groups)
-    has_entry = (ids >= 0).any(dim=-1)  # (B, width)
-    alignment["mask"] &= has_entry.gather(1, alignment["teacher_positions"])
-    teacher = TopKTeacher(log_probs, ids, v_s + len(extra))
-    return {
-        "teacher": teacher,
-        "alignment": alignment,
-        "vocab": VocabMap.shared_prefix(v_s, teacher.vocab_size),
-    }
