@@ -1,0 +1,372 @@
+"""One LM distillation training step, side by side: peak memory and tokens/s of each loss path.
+
+    python bench/lm_step.py                        # full run: V = 49,152, batch 4 x 128, 30 steps
+    python bench/lm_step.py --steps 2 --warmup 1 --vocab 4096 --batch 2 --seq 32 --layers 1 1
+    python bench/lm_step.py --trl-python /path/to/trl-venv/bin/python   # + the optional TRL arm
+
+The same random Llama teacher and student (tied embeddings like SmolLM2; hidden 576 as in
+``bench/lm_loss_memory.py``'s issue-6 shape) and the same random batches train the student
+with AdamW for ``--steps`` timed steps after ``--warmup`` untimed ones, once per variant, each
+variant in a fresh subprocess with one thread:
+
+* ``plain_old`` — student logits + :func:`kdistill.lm.token_divergence` with the old default
+  chunk of ``DEFAULT_CHUNK_ELEMENTS // V`` rows (341 at V = 49,152);
+* ``budget`` — the same with the new default, chunks sized by ``chunk_bytes`` (32 MiB);
+* ``fused`` — :func:`kdistill.lm.fused.fused_linear_divergence` on the student's last hidden
+  states and ``lm_head.weight`` (no student logits), teacher logits from its full forward;
+* ``fused_teacher_hidden`` — the same with the teacher as (hidden states, ``lm_head.weight``):
+  neither model's ``(tokens x V)`` logits exist anywhere in the step;
+* ``ce`` — cross-entropy only (the student's own cost floor);
+* ``topk`` / ``fused_topk`` — a cached top-k teacher (``--k``, computed before the timed loop
+  and the teacher deleted): :func:`kdistill.lm.topk.topk_divergence` on student logits vs
+  :func:`kdistill.lm.fused.fused_topk_divergence` on hidden states;
+* ``trl`` (only with ``--trl-python``) — OPTIONAL, TRL's GKD loss
+  ``trl.GKDTrainer.generalized_jsd_loss`` on full logits, in the same step loop, run by the
+  given interpreter (a venv with ``trl``, ``torch`` and ``transformers``; kdistill is not
+  needed there). It measures TRL's loss computation, not the HF ``Trainer`` around it.
+
+Peak memory is the process's resident high-water mark over the timed steps (``VmHWM`` /
+``ru_maxrss``, reset through ``/proc/self/clear_refs`` after set-up), also shown above the
+resident size before the first step. Minor page faults and system time per step come from
+``resource.getrusage``. Every variant prints its per-step losses; the table reports the
+largest difference from ``budget`` (dense KD variants and TRL) or ``topk`` (top-k variants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DENSE = ("plain_old", "budget", "fused", "fused_teacher_hidden")
+TOPK = ("topk", "fused_topk")
+VARIANTS = (*DENSE, "ce", *TOPK)
+
+
+# --------------------------------------------------------------------------- set-up (parent)
+
+
+def build_models(args: argparse.Namespace, folder: Path) -> None:
+    """Save the random teacher and student (``save_pretrained``) and the batches to ``folder``."""
+    import torch
+    import transformers
+
+    def config(layers: int) -> Any:
+        return transformers.LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            max_position_embeddings=max(args.seq, 128),
+            tie_word_embeddings=True,
+        )
+
+    torch.manual_seed(args.seed)
+    for name, layers in (("teacher", args.layers[0]), ("student", args.layers[1])):
+        transformers.LlamaForCausalLM(config(layers)).save_pretrained(folder / name)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(
+        0, args.vocab, (args.warmup + args.steps, args.batch, args.seq), generator=g
+    )
+    torch.save(ids, folder / "batches.pt")
+
+
+# --------------------------------------------------------------------------- one variant (child)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (and ru_maxrss) to the current resident size
+        return True
+    except OSError:
+        return False
+
+
+def _labels(ids: Any) -> Any:
+    """Causal labels aligned with the logits: ``labels[:, t] = ids[:, t + 1]``, last ignored."""
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    return labels
+
+
+def _loss_fn(variant: str, args: argparse.Namespace, teacher: Any, student: Any) -> Any:
+    """``step(ids, labels, cached) -> loss`` for one variant (the student in train mode)."""
+    import torch
+
+    if variant == "trl":
+        from trl import GKDTrainer
+
+        def trl_step(ids: Any, labels: Any, cached: Any) -> Any:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids).logits
+            s_logits = student(input_ids=ids).logits
+            return GKDTrainer.generalized_jsd_loss(
+                s_logits, t_logits, labels=labels, beta=args.beta, temperature=1.0
+            )
+
+        return trl_step
+
+    from kdistill.lm import DEFAULT_CHUNK_ELEMENTS, token_cross_entropy, token_divergence
+    from kdistill.lm.fused import fused_linear_divergence, fused_topk_divergence
+
+    kw = {"beta": args.beta}
+    head = student.get_output_embeddings()  # tied: the embedding matrix itself, a Parameter
+
+    def dense(ids: Any, labels: Any, cached: Any) -> Any:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits  # (B, T, V)
+        s_logits = student(input_ids=ids).logits  # (B, T, V)
+        if variant == "plain_old":
+            chunk = {"chunk_size": DEFAULT_CHUNK_ELEMENTS // s_logits.shape[-1]}
+        else:
+            chunk = {"chunk_bytes": args.chunk_bytes}
+        return token_divergence(s_logits, t_logits, "jsd", labels=labels, **chunk, **kw)
+
+    def fused(ids: Any, labels: Any, cached: Any) -> Any:
+        hidden = student.model(input_ids=ids).last_hidden_state  # (B, T, H), after the norm
+        with torch.no_grad():
+            if variant == "fused_teacher_hidden":
+                t_hidden = teacher.model(input_ids=ids).last_hidden_state  # (B, T, Ht)
+                teacher_kw = {
+                    "teacher_hidden": t_hidden,
+                    "teacher_weight": teacher.get_output_embeddings().weight,
+                }
+            else:
+                teacher_kw = {"teacher_logits": teacher(input_ids=ids).logits}
+        return fused_linear_divergence(
+            hidden,
+            head.weight,
+            kind="jsd",
+            student_bias=head.bias,
+            labels=labels,
+            chunk_bytes=args.chunk_bytes,
+            **teacher_kw,
+            **kw,
+        )
+
+    def ce(ids: Any, labels: Any, cached: Any) -> Any:
+        return token_cross_entropy(student(input_ids=ids).logits, labels)
+
+    def topk(ids: Any, labels: Any, cached: Any) -> Any:
+        values, indices, rest = cached
+        if variant == "fused_topk":
+            hidden = student.model(input_ids=ids).last_hidden_state
+            return fused_topk_divergence(
+                hidden, head.weight, head.bias, values, indices, rest, "jsd",
+                labels=labels, chunk_bytes=args.chunk_bytes, **kw,
+            )  # fmt: skip
+        try:
+            from kdistill.lm.topk import topk_divergence
+        except ImportError:  # before the top-k maths moved out of kdistill.cache
+            from kdistill.cache import topk_divergence  # type: ignore[attr-defined,no-redef]
+        s_logits = student(input_ids=ids).logits
+        return topk_divergence(s_logits, values, indices, rest, "jsd", labels=labels, **kw)
+
+    table = {"ce": ce, "topk": topk, "fused_topk": topk, "fused": fused}
+    table["fused_teacher_hidden"] = fused
+    return table.get(variant, dense)
+
+
+def _topk_cache(teacher: Any, batches: Any, k: int) -> list[tuple[Any, Any, Any]]:
+    """The teacher's top-k log-probabilities of every batch, stored as the disk cache does."""
+    import torch
+
+    from kdistill.cache import topk_log_probs
+
+    out = []
+    with torch.no_grad():
+        for ids in batches:
+            values, indices, rest = topk_log_probs(teacher(input_ids=ids).logits, k)
+            out.append((values.half(), indices.to(torch.int32), rest))
+    return out
+
+
+def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    import gc
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    folder = Path(args.folder)
+    load = transformers.LlamaForCausalLM.from_pretrained
+    teacher = load(folder / "teacher").eval().requires_grad_(False)
+    student = load(folder / "student").train()
+    batches = torch.load(folder / "batches.pt")
+    cached: list[Any] = [None] * len(batches)
+    if variant in TOPK:
+        cached = _topk_cache(teacher, batches, args.k)
+        del teacher
+        teacher = None
+    step_loss = _loss_fn(variant, args, teacher, student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    gc.collect()
+    losses, seconds = [], []
+    before_kib = peak_reset = None
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    for step, ids in enumerate(batches):
+        if step == args.warmup:
+            gc.collect()
+            before_kib = _status_kib("VmRSS")
+            peak_reset = _reset_peak()
+            usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        labels = _labels(ids)
+        start = time.perf_counter()
+        loss = step_loss(ids, labels, cached[step])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    timed = seconds[args.warmup :]
+    tokens = args.batch * args.seq
+    return {
+        "variant": variant,
+        "losses": losses,
+        "step_s": timed,
+        "tokens_per_s": [tokens / s for s in timed],
+        "peak_mib": _status_kib("VmHWM") / 1024,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mib": (before_kib or 0) / 1024,
+        "peak_reset": bool(peak_reset),
+        "minor_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / max(len(timed), 1),
+        "sys_s_per_step": (usage1.ru_stime - usage0.ru_stime) / max(len(timed), 1),
+        "user_s_per_step": (usage1.ru_utime - usage0.ru_utime) / max(len(timed), 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _child_argv(args: argparse.Namespace, variant: str, python: str) -> list[str]:
+    keep = ("vocab", "hidden", "intermediate", "heads", "kv_heads", "batch", "seq", "steps")
+    keep += ("warmup", "seed", "beta", "lr", "chunk_bytes", "k", "folder")
+    argv = [python, __file__, "--child", variant]
+    for name in keep:
+        argv.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
+    argv += ["--layers", *map(str, args.layers)]
+    return argv
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    ce = results.get("ce")
+    rows = [
+        "| variant | tokens/s (mean ± std) | vs CE | peak RSS | above pre-step RSS | minor faults"
+        " / step | sys s / step | max \\|Δ loss\\| |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        tps = r["tokens_per_s"]
+        mean = statistics.fmean(tps)
+        std = statistics.stdev(tps) if len(tps) > 1 else 0.0
+        vs_ce = f"{statistics.fmean(ce['tokens_per_s']) / mean:.2f}× time" if ce else "—"
+        base = "topk" if name in TOPK else "budget"
+        diff = "—"
+        if name != "ce" and base in results and name != base:
+            diff = f"{max(abs(a - b) for a, b in zip(r['losses'], results[base]['losses'], strict=True)):.1e}"
+        rows.append(
+            f"| {name} | {mean:.1f} ± {std:.1f} | {vs_ce} | {r['peak_mib']:.0f} MiB | "
+            f"{r['peak_mib'] - r['rss_before_mib']:.0f} MiB | {r['minor_faults_per_step']:.0f} | "
+            f"{r['sys_s_per_step']:.3f} | {diff} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument(
+        "--layers", type=int, nargs=2, default=[4, 2], metavar=("TEACHER", "STUDENT")
+    )
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beta", type=float, default=0.5, help="JSD beta (GKD)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--chunk-bytes", type=int, default=32 << 20)
+    parser.add_argument("--k", type=int, default=32, help="top-k of the cached-teacher variants")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--trl-python", help="OPTIONAL: a Python with trl installed; adds the 'trl' variant"
+    )
+    parser.add_argument("--json", help="write all results (per-step losses, times) here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args)))
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="lm_step_") as folder:
+        args.folder = folder
+        build_models(args, Path(folder))
+        plan = [(v, sys.executable) for v in args.variants]
+        if args.trl_python:  # ---- OPTIONAL TRL arm: its own interpreter / venv
+            plan.append(("trl", args.trl_python))
+        for variant, python in plan:
+            out = subprocess.run(
+                _child_argv(args, variant, python), env=env, capture_output=True, text=True
+            )
+            if out.returncode:
+                sys.exit(f"variant {variant} failed:\n{out.stderr[-4000:]}")
+            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{variant}: done", file=sys.stderr)
+    first = next(iter(results.values()))
+    print(
+        f"commit {_commit()}, {platform.machine()} {os.cpu_count()} CPUs (1 thread per variant), "
+        f"load average {os.getloadavg()[0]:.1f}; torch {first['torch']}, transformers "
+        f"{first['transformers']}; Llama teacher {args.layers[0]} / student {args.layers[1]} "
+        f"layers, hidden {args.hidden}, vocab {args.vocab}, tied embeddings; batch "
+        f"{args.batch} x {args.seq}; JSD beta {args.beta}; AdamW lr {args.lr}; {args.steps} "
+        f"timed steps after {args.warmup}; chunk_bytes {args.chunk_bytes}; top-k k = {args.k}; "
+        f"seed {args.seed}\n"
+    )
+    print(_table(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
