@@ -502,6 +502,36 @@ def test_topk_teacher_with_all_ids_equals_the_dense_teacher():
     )
 
 
+def test_hybrid_with_a_topk_teacher_without_matched_mass_in_a_group_is_finite():
+    s_logits, t_logits, s_pos, t_pos, mask, vocab = _random_case(seed=6)
+    s_logits.requires_grad_(True)
+    log_p = torch.log_softmax(t_logits, -1)
+    values, ids = log_p.topk(3, dim=-1)
+    ids[0, 0] = torch.tensor([2, 3, 4])  # no matched teacher id (5, 1, 0, 9) at position (0, 0)
+    topk = TopKTeacher(values, ids, t_logits.shape[-1])
+    value = hybrid_divergence(s_logits, topk, s_pos, t_pos, vocab, mask, kind="jsd")
+    (grad,) = torch.autograd.grad(value, s_logits)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    dense = topk.rows(torch.arange(2 * 4)).reshape(2, 4, -1)
+    ref, w_m = [], vocab.size / t_logits.shape[-1]
+    for b in range(2):
+        for g in range(4):
+            if not mask[b, g]:
+                continue
+            row = hybrid_divergence(
+                s_logits[b : b + 1, s_pos[b, g]][:, None],
+                dense[b : b + 1, t_pos[b, g]][:, None],
+                torch.zeros(1, 1, dtype=torch.long),
+                torch.zeros(1, 1, dtype=torch.long),
+                vocab,
+                matched_weight=w_m if (b, t_pos[b, g]) != (0, 0) else 0.0,
+                unmatched_weight=1 - w_m,
+                kind="jsd",
+            )
+            ref.append(row)
+    torch.testing.assert_close(value, torch.stack(ref).mean())
+
+
 def test_served_top_logprobs_map_onto_the_student_alignment(tokenizers):
     """A served teacher's records (token strings + bytes, full top-k) give the ULD of the live
     teacher whose logits they came from; the last position has no distribution."""

@@ -26,7 +26,9 @@ read exactly the same text. The vocabularies differ, so the ordinary divergences
   ``D_kind`` any divergence ``kind`` of :data:`~kdistill.lm.divergences.KINDS`. The default
   weights are GOLD's adaptive ones, ``w_M = |M| / V_t`` and ``w_U = 1 − w_M``. With one
   tokenizer on both sides ``M`` is the whole vocabulary, ``w_M = 1``, ``U = ∅``, and the
-  hybrid *is* ``token_divergence(kind)`` over the compared tokens, bit for bit.
+  hybrid *is* ``token_divergence(kind)`` over the compared tokens, bit for bit. A group
+  where the teacher gives no mass to ``M`` (a top-k teacher whose k tokens are all
+  unmatched) has no ``p_M``; its matched term counts 0.
 
 Reduction: the mean over compared groups (``mask``; ``reduction="mean"``) or their sum. No
 compared group gives exactly 0 with zero gradients. Temperature as in
@@ -351,6 +353,10 @@ def hybrid_divergence(
         identity = vocab.is_identity
         s_m = s_rows if identity else s_rows.index_select(1, vocab.student_ids.to(s_rows.device))
         t_m = t_rows if identity else t_rows.index_select(1, vocab.teacher_ids.to(t_rows.device))
+        # a teacher row with no mass on M (a top-k teacher, -inf logits) has no p_M: its
+        # matched term is 0; the mean stays over all n compared groups
+        support = (t_m > -math.inf).any(dim=-1)  # (n,)
+        count = int(support.sum())
         matched = token_divergence(
             s_m,
             t_m,
@@ -358,8 +364,11 @@ def hybrid_divergence(
             beta=beta,
             skew_alpha=skew_alpha,
             temperature=temperature,
+            mask=None if count == n else support,
             chunk_size=chunk_size,
         )
+        if count != n:
+            matched = matched * (count / max(n, 1))
         loss = w_m * matched if w_m != 1.0 else matched
     u_s, u_t = vocab.unmatched("student"), vocab.unmatched("teacher")
     if (u_s.numel() or u_t.numel()) and w_u > 0:
