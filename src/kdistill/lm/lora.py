@@ -204,7 +204,8 @@ def merged_copy(model: nn.Module) -> nn.Module:
     """
     if not is_lora(model):
         return model
-    return copy.deepcopy(model).merge_and_unload(safe_merge=True)
+    wrapped: Any = copy.deepcopy(model)
+    return wrapped.merge_and_unload(safe_merge=True)
 
 
 # --------------------------------------------------------------------------- saving
@@ -253,7 +254,8 @@ def save_student(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    merged = merged_copy(model)
+    merged: Any = merged_copy(model)
+    student: Any = model  # a peft / transformers model: their methods are untyped here
     if not hasattr(merged, "save_pretrained"):
         raise ConfigError(
             f"save_student: the student ({type(merged).__name__}) is not a Hugging Face model "
@@ -265,16 +267,16 @@ def save_student(
     adapter = base = None
     if is_lora(model):
         adapter = folder / "adapter"
-        recorded = _base_path(model)
+        recorded = _base_path(student)
         if not recorded or not Path(recorded).is_dir():
             base = adapter / "base"
-            copy.deepcopy(model).unload().save_pretrained(str(base))
-            for config in model.peft_config.values():  # recorded in adapter_config.json
+            copy.deepcopy(student).unload().save_pretrained(str(base))
+            for config in student.peft_config.values():  # recorded in adapter_config.json
                 config.base_model_name_or_path = str(base.absolute())
         try:
-            model.save_pretrained(str(adapter))
+            student.save_pretrained(str(adapter))
         finally:
-            for config in model.peft_config.values():
+            for config in student.peft_config.values():
                 config.base_model_name_or_path = recorded
     weights = None
     if weights_path is not None:
@@ -296,7 +298,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     cache is turned off (useless in training). Gradients are those without checkpointing.
     Returns ``model``.
     """
-    base = model.get_base_model() if is_lora(model) else model  # type: ignore[operator]
+    student: Any = model
+    base: Any = student.get_base_model() if is_lora(model) else model
     if not callable(getattr(base, "gradient_checkpointing_enable", None)) or not getattr(
         base, "supports_gradient_checkpointing", False
     ):
