@@ -382,6 +382,7 @@ def read_mask_folder(
                 )
         arrays.append(image)
         masks.append(mask)
+    images = _stack_images(arrays, files)  # checks that every image has one size
     stacked = torch.from_numpy(np.stack(masks)).long()  # (N, H, W)
     stacked[stacked == ignore_value] = IGNORE
-    return SegmentationData(_stack_images(arrays, files), stacked, files)
+    return SegmentationData(images, stacked, files)

@@ -37,10 +37,11 @@ from kdistill.dense.metrics import coco_map, confusion_matrix, mean_iou
 from kdistill.dense.models import build_dense_model, decode_detections
 from kdistill.dense.synthetic import SyntheticSpec, write_dataset
 from kdistill.dense.tasks import CenterNetLoss, SegmentationCrossEntropy
-from kdistill.distiller import Distiller, Inputs, LossTerm
+from kdistill.distiller import LOGITS, Distiller, Inputs, LossTerm
 from kdistill.experiment import build_terms, cache_teacher_outputs
 from kdistill.models import count_parameters
 from kdistill.report import measure_latency
+from kdistill.taps import FeatureTaps
 from kdistill.trainer import Trainer, resolve_device, seed_everything
 
 __all__ = [
@@ -244,10 +245,7 @@ def train_model(
     uses_teacher = any(t.uses_teacher for t in all_terms)
     distiller = DenseDistiller(model, all_terms, teacher if uses_teacher else None, task=cfg.task)
     train_x, train_y = data.train
-    try:
-        distiller.build_adapters(train_x[:4])
-    except ValueError as err:  # an unknown layer name: FeatureTaps lists the close ones
-        raise ConfigError(f"distill.terms: {err}") from None
+    distiller.build_adapters(train_x[:4])
     cached: dict[str, Tensor] = {}
     if uses_teacher and cfg.distill.cache_teacher:
         assert teacher is not None
@@ -330,6 +328,10 @@ def run_dense(cfg: DenseConfig, resume: bool = False) -> DenseResult:
     runs: dict[str, dict[str, Any]] = {}
 
     teacher = _build(cfg, "teacher", data.num_classes, channels)
+    kd = kd_terms(cfg, data.num_classes)
+    _check_layers(
+        kd, _build(cfg, "student", data.num_classes, channels), teacher
+    )  # before training
     if cfg.teacher.checkpoint is not None:
         _load(teacher, cfg.teacher.checkpoint)
     else:
@@ -337,7 +339,6 @@ def run_dense(cfg: DenseConfig, resume: bool = False) -> DenseResult:
             cfg, data, teacher, [], None, out_dir / "teacher", cfg.teacher_epochs, device, resume
         )
     models = {"teacher": teacher.to(device)}
-    kd = kd_terms(cfg, data.num_classes)
     for name, terms in (("student", []), ("student_kd", kd)):
         if name == "student" and not cfg.baseline:
             continue
@@ -359,6 +360,15 @@ def run_dense(cfg: DenseConfig, resume: bool = False) -> DenseResult:
     atomic_write_text(out_dir / "report.md", report_markdown(summary))
     _plot(cfg, data, models, device, out_dir / "predictions.png")
     return DenseResult(summary, models)
+
+
+def _check_layers(terms: Sequence[LossTerm], student: nn.Module, teacher: nn.Module) -> None:
+    """Fail on a misspelt layer name now, not after the teacher has trained."""
+    try:
+        FeatureTaps(student, [t.student for t in terms if t.student != LOGITS])
+        FeatureTaps(teacher, [t.teacher for t in terms if t.teacher not in (None, LOGITS)])
+    except ValueError as err:  # FeatureTaps names the closest layers
+        raise ConfigError(f"distill.terms: {err}") from None
 
 
 def _load(model: nn.Module, path: str) -> None:
