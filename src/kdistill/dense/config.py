@@ -120,6 +120,7 @@ class DenseDistillConfig:
 
     terms: list[TermConfig] = field(default_factory=list)  # empty: the task's default (CWD)
     cache_teacher: bool = True  # run the frozen teacher once over the training images
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # cached feature maps
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.terms]

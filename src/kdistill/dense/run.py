@@ -17,6 +17,7 @@ teacher, student, student + KD).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +35,8 @@ from kdistill.dense.boxes import pad_boxes, unpad_boxes
 from kdistill.dense.config import DenseConfig
 from kdistill.dense.formats import IGNORE, read_coco, read_mask_folder, read_yolo
 from kdistill.dense.metrics import coco_map, confusion_matrix, mean_iou
-from kdistill.dense.models import build_dense_model, decode_detections
+from kdistill.dense.models import CenterNetDetector, build_dense_model, decode_detections
+from kdistill.dense.synthetic import SEGMENTATION_CLASSES as SYNTHETIC_CLASSES
 from kdistill.dense.synthetic import SyntheticSpec, write_dataset
 from kdistill.dense.tasks import CenterNetLoss, SegmentationCrossEntropy
 from kdistill.distiller import LOGITS, Distiller, Inputs, LossTerm
@@ -59,6 +61,10 @@ DEFAULT_TERMS: dict[str, list[TermConfig]] = {
 }
 """The KD terms of a run whose ``distill.terms`` is empty: CWD where its paper applies it
 (Shu et al. 2021: FPN features for detection, τ = 1; logits for segmentation, τ = 4)."""
+
+
+STRIDE = CenterNetDetector.stride
+"""Input pixels per output cell of the detector."""
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -92,9 +98,10 @@ def load_dense_data(cfg: DenseConfig) -> DenseData:
         write_dataset(root, spec, d.fashion_root)
     source = d.source if d.source != "synthetic" else {"detection": "coco"}.get(cfg.task, "masks")
     splits, names = {}, []
+    num_classes = d.num_classes or (len(SYNTHETIC_CLASSES) if d.source == "synthetic" else None)
     for split in ("train", "val", "test"):
         if source == "masks":
-            seg = read_mask_folder(root / "images" / split, root / "masks" / split, d.num_classes)
+            seg = read_mask_folder(root / "images" / split, root / "masks" / split, num_classes)
             splits[split] = (seg.images, seg.masks)
             continue
         if source == "coco":
@@ -104,13 +111,10 @@ def load_dense_data(cfg: DenseConfig) -> DenseData:
         names = det.names
         splits[split] = (det.images, pad_boxes(det.boxes, det.labels))
     if cfg.task == "segmentation":
-        found = int(splits["train"][1].max()) + 1
-        num_classes = d.num_classes or found
+        num_classes = num_classes or int(splits["train"][1].max()) + 1
         names = ["background", *(f"class {k}" for k in range(1, num_classes))]
         if d.source == "synthetic":
-            from kdistill.data.fashion_mnist import FASHION_MNIST_CLASSES
-
-            names = ["background", *FASHION_MNIST_CLASSES]
+            names = list(SYNTHETIC_CLASSES)
     else:
         num_classes = len(names)
     for split, (images, _) in splits.items():
@@ -136,7 +140,7 @@ class DenseDistiller(Distiller):
     terms see the models' own outputs. To be dropped when the Trainer takes per-task metrics.
     """
 
-    def __init__(self, *args: Any, task: str, stride: float = 4.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, task: str, stride: float = STRIDE, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.task, self.stride = task, stride
 
@@ -179,7 +183,7 @@ def dense_metrics(
     if cfg.task == "detection":
         detections = _decode(cfg, num_classes, outputs)
         gt = unpad_boxes(target)
-        size = (outputs.shape[-2] * 4, outputs.shape[-1] * 4)
+        size = (outputs.shape[-2] * STRIDE, outputs.shape[-1] * STRIDE)
         m = coco_map([b for b, _ in gt], [c for _, c in gt], detections, num_classes, size)
         return {"accuracy": m["map"], "map": m["map"], "map50": m["map50"], "map75": m["map75"]}
     matrix = confusion_matrix(outputs.argmax(1), target, num_classes)
@@ -192,7 +196,7 @@ def _decode(
     cfg: DenseConfig, num_classes: int, outputs: Tensor
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     e = cfg.eval
-    return decode_detections(outputs, num_classes, 4.0, e.top_k, e.score_threshold, e.nms_iou)
+    return decode_detections(outputs, num_classes, STRIDE, e.top_k, e.score_threshold, e.nms_iou)
 
 
 def evaluate_fn(cfg: DenseConfig, num_classes: int) -> Callable[..., dict[str, float]]:
@@ -215,17 +219,21 @@ def evaluate_fn(cfg: DenseConfig, num_classes: int) -> Callable[..., dict[str, f
 def task_term(cfg: DenseConfig) -> LossTerm:
     """The label term: CenterNet focal + GIoU, or per-pixel cross-entropy."""
     loss = (
-        CenterNetLoss(stride=4.0) if cfg.task == "detection" else SegmentationCrossEntropy(IGNORE)
+        CenterNetLoss(stride=STRIDE)
+        if cfg.task == "detection"
+        else SegmentationCrossEntropy(IGNORE)
     )
     return LossTerm("task", loss, 1.0, teacher=None)
 
 
 def kd_terms(cfg: DenseConfig, num_classes: int) -> list[LossTerm]:
     """The configured dense KD terms (the task's default when none are given)."""
-    terms = cfg.distill.terms or DEFAULT_TERMS[cfg.task]
-    for t in terms:  # the detection head's class count is known here, not in the YAML
-        if t.loss == "box_kd" and "num_classes" not in t.params:
-            t.params = {**t.params, "num_classes": num_classes}
+    terms = [  # the detection head's class count is known here, not in the YAML
+        dataclasses.replace(t, params={"num_classes": num_classes, **t.params})
+        if t.loss == "box_kd"
+        else t
+        for t in cfg.distill.terms or DEFAULT_TERMS[cfg.task]
+    ]
     return build_terms(DistillConfig(terms=terms), has_teacher=True)
 
 
@@ -250,8 +258,9 @@ def train_model(
     if uses_teacher and cfg.distill.cache_teacher:
         assert teacher is not None
         keys = distiller.teacher_keys
+        dtype = getattr(torch, cfg.distill.cache_dtype)
         cached = cache_teacher_outputs(
-            teacher.to(device), keys, train_x, cfg.data.eval_batch_size, device
+            teacher.to(device), keys, train_x, cfg.data.eval_batch_size, device, dtype
         )
         distiller.drop_teacher()
     d = cfg.data

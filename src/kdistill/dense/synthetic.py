@@ -42,9 +42,19 @@ from kdistill.checkpoint import atomic_write_text
 from kdistill.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from kdistill.dense.formats import write_coco, write_image, write_yolo
 
-__all__ = ["SPLITS", "Canvas", "SyntheticSpec", "make_canvas", "make_split", "write_dataset"]
+__all__ = [
+    "SEGMENTATION_CLASSES",
+    "SPLITS",
+    "Canvas",
+    "SyntheticSpec",
+    "make_canvas",
+    "make_split",
+    "write_dataset",
+]
 
 SPLITS = ("train", "val", "test")
+SEGMENTATION_CLASSES = ("background", *FASHION_MNIST_CLASSES)
+"""Class ``k`` of the semantic masks (``0`` background, ``1 + c`` Fashion-MNIST class ``c``)."""
 VERSION = 1
 _VAL_POOL = 10_000  # Fashion-MNIST training images reserved for validation canvases
 
