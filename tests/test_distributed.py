@@ -124,3 +124,41 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     for a, b in zip(steps["single"], steps["ddp"], strict=True):
         assert json.loads(a)["loss"] == pytest.approx(json.loads(b)["loss"], abs=ATOL)
     assert json.loads((runs["ddp"] / "summary.json").read_text())["train_samples"] == 512
+
+
+def test_two_process_scheme_run_matches_one_process(tmp_path: Path) -> None:
+    """A scheme file (Mean Teacher: an EMA teacher updated by a Trainer callback after each
+    optimizer step) under torchrun trains the same student and EMA teacher as one process."""
+    try:
+        find_fashion_mnist()
+    except DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed")
+    runs = {}
+    for name in ("single", "ddp"):
+        cfg = tiny_config(tmp_path / name)
+        del cfg["teacher"], cfg["distill"]
+        cfg["scheme"] = {
+            "name": "mean_teacher",
+            "mean_teacher": {"labelled_fraction": 1.0, "augment_views": False, "momentum": 0.9},
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        runs[name] = tmp_path / name
+    run(["-m", "kdistill", "run", str(tmp_path / "single.yaml")], tmp_path)
+    run(
+        [
+            "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "-m", "kdistill", "run", str(tmp_path / "ddp.yaml"),
+        ],
+        tmp_path,
+    )  # fmt: skip
+    for weights in ("student.safetensors", "ema_teacher.safetensors"):
+        single = safetensors.torch.load_file(runs["single"] / weights)
+        ddp = safetensors.torch.load_file(runs["ddp"] / weights)
+        assert single.keys() == ddp.keys()
+        for key in single:
+            diff = (single[key] - ddp[key]).abs().max().item()
+            assert diff <= ATOL, (weights, key, diff)
+    summary = json.loads((runs["ddp"] / "summary.json").read_text())
+    assert summary["scheme"]["name"] == "mean_teacher"
+    steps = {n: (runs[n] / "steps.jsonl").read_text().splitlines() for n in runs}
+    assert len(steps["single"]) == len(steps["ddp"]) == 2 * 512 // 64

@@ -41,7 +41,7 @@ def tiny_config(output_dir: Path, **distill: Any) -> ExperimentConfig:
             "distill": {
                 **({} if "terms" in distill else {"temperature": 4.0, "alpha": 0.5}),
                 **distill,
-            },  # fmt: skip
+            },
             "optim": {"name": "adamw", "lr": 0.01, "schedule": "constant"},
             "train": {"epochs": 2, "progress": False},
         }

@@ -440,3 +440,43 @@ def test_shift_flip_moves_content_by_at_most_max_shift() -> None:
         assert abs(row - 4) <= 2 and abs(col - 4) <= 2
     positions = {tuple((s[0] == 1.0).nonzero()[0].tolist()) for s in out}
     assert len(positions) > 1
+
+
+# -- gradient accumulation -----------------------------------------------------------------
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path: Path) -> None:
+    """4 micro-batches of 8 accumulated == one batch of 32: the same weights after training.
+
+    Token-style targets with ignored entries make the micro-batches count different numbers
+    of targets, so a plain average of micro-batch means would differ from the big batch."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    y = torch.randint(0, 3, (64,))
+    y[::5] = -100  # ignored targets, unevenly spread over the micro-batches
+    ce = LossTerm("ce", nn.CrossEntropyLoss(ignore_index=-100), teacher=None)
+
+    def train(batch_size: int, accumulate: int, folder: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        student = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        loader = TensorBatchLoader(x, y, batch_size=batch_size, shuffle=False)
+        trainer = Trainer(
+            Distiller(student, [ce]),
+            loader,
+            TensorBatchLoader(x, y.clamp_min(0), batch_size=64),
+            OptimConfig(name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0, schedule="constant"),
+            2,
+            tmp_path / folder,
+            progress=False,
+            accumulate_steps=accumulate,
+        )
+        assert trainer.steps_per_epoch == 2
+        trainer.fit()
+        return {k: v.clone() for k, v in student.state_dict().items()}
+
+    big = train(32, 1, "big")
+    accumulated = train(8, 4, "accumulated")
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line) for line in (tmp_path / "accumulated" / "steps.jsonl").open()]
+    assert [s["global_step"] for s in steps] == [0, 1, 2, 3]  # optimizer steps, not batches

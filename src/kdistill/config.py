@@ -185,9 +185,12 @@ class TrainConfig:
     skip_nonfinite: int = 0  # skip up to N non-finite batches in a row; 0 stops at the first
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast the forward; fp16 adds a GradScaler
     tensorboard: bool = True  # also log epoch metrics to output_dir/tensorboard when installed
+    # micro-batches per optimizer step (gradient accumulation): the step equals one step on
+    # their concatenation; epochs, the LR schedule and checkpoint_every count optimizer steps
+    accumulate_steps: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive(self, "epochs")
+        _check_positive(self, "epochs", "accumulate_steps")
         _check_optional_positive(self, "threads", "checkpoint_every")
         _check_non_negative(self, "skip_nonfinite")
         if not (self.device in ("cpu", "auto", "cuda") or self.device.startswith("cuda:")):

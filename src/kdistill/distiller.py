@@ -38,6 +38,9 @@ IGNORE_INDEX = -100
 """A target equal to this does not count (padding and prompt tokens, unlabelled rows of
 token batches), as in Hugging Face and ``torch.nn.functional.cross_entropy``."""
 
+TEACHER_INPUTS = "teacher_inputs"
+"""Batch entry with the teacher's own inputs (a teacher with another tokenizer)."""
+
 ATTENTION_MASK = "attention_mask"
 """The key of mapping inputs that is handed to ``requires_mask`` losses as ``mask=``."""
 
@@ -118,7 +121,9 @@ class LossTerm(nn.Module):
         name: label used in logs and in the output dict (``"<name>_loss"``).
         loss: called as ``loss(student_tensor, reference)``; any ``nn.Module``. Losses with
             ``requires_target = True`` also get the labels, those with ``requires_index =
-            True`` the dataset indices (``index=``), e.g. DKD and CRD.
+            True`` the dataset indices (``index=``), e.g. DKD and CRD, and those with
+            ``batch_keys = ("name", ...)`` those entries of the batch as keywords (e.g. the
+            token alignment of a cross-tokenizer loss).
         weight: factor of this term in the total loss.
         student: ``"logits"`` or a student module name.
             Losses with ``requires_mask = True`` also get the ``attention_mask`` of
@@ -174,6 +179,7 @@ class LossTerm(nn.Module):
         target: Tensor | None = None,
         index: Tensor | None = None,
         mask: Tensor | None = None,
+        extras: Mapping[str, Any] | None = None,
     ) -> Tensor:
         if self.adapter is not None:
             student_value = self.adapter(student_value)
@@ -194,6 +200,13 @@ class LossTerm(nn.Module):
             kwargs["index"] = index
         if getattr(self.loss, "requires_mask", False):
             kwargs["mask"] = mask
+        for key in getattr(self.loss, "batch_keys", ()):  # more of the batch (an alignment)
+            if extras is None or key not in extras:
+                raise ValueError(
+                    f"loss term {self.name!r} ({type(self.loss).__name__}) needs the batch "
+                    f"entry {key!r}, which the data loader does not provide"
+                )
+            kwargs[key] = extras[key]
         try:
             return self.loss(*args, **kwargs)
         except ValueError as err:  # name the term and its tensors in shape errors
@@ -359,7 +372,15 @@ class Distiller(nn.Module):
         target: Tensor | None = None,
         teacher_outputs: Mapping[str, Tensor] | None = None,
         index: Tensor | None = None,
+        extras: Mapping[str, Any] | None = None,
     ) -> dict[str, Tensor]:
+        """The weighted loss and its parts.
+
+        ``extras``: the batch's other entries (see :func:`kdistill.trainer.batch_extras`);
+        ``extras["teacher_inputs"]``, when present, is what the live teacher reads instead of
+        ``inputs`` (a teacher with its own tokenizer); terms whose loss lists ``batch_keys``
+        get those entries.
+        """
         with self._student_taps as taps:
             logits = output_logits(call_model(self.student, inputs))  # (B, C) or (B, T, V)
             student_values = taps.pop()
@@ -367,8 +388,9 @@ class Distiller(nn.Module):
 
         teacher_values: Mapping[str, Tensor] = {}
         if self.needs_teacher:
+            teacher_in = (extras or {}).get(TEACHER_INPUTS, inputs)
             teacher_values = (
-                teacher_outputs if teacher_outputs is not None else self.teacher_forward(inputs)
+                teacher_outputs if teacher_outputs is not None else self.teacher_forward(teacher_in)
             )
 
         mask = inputs.get(ATTENTION_MASK) if isinstance(inputs, Mapping) else None
@@ -376,7 +398,7 @@ class Distiller(nn.Module):
         result: dict[str, Tensor] = {}
         for term in self.terms:
             reference = self._reference(term, teacher_values, target)
-            value = term(student_values[term.student], reference, target, index, mask)
+            value = term(student_values[term.student], reference, target, index, mask, extras)
             total = total + term.weight_at(self.progress) * value
             result[f"{term.name}_loss"] = value.detach()
         result["loss"] = total

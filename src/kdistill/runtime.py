@@ -85,4 +85,5 @@ def build_trainer(
         tensorboard=train.tensorboard,
         evaluate_fn=evaluate_fn,
         callbacks=callbacks,
+        accumulate_steps=train.accumulate_steps,
     )

@@ -31,6 +31,7 @@ parameter name), which a resume loads back into the sharded student.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -39,7 +40,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -74,6 +75,7 @@ __all__ = [
     "ResumeWarning",
     "TrainableModel",
     "Trainer",
+    "batch_extras",
     "build_optimizer",
     "build_scheduler",
     "evaluate",
@@ -220,6 +222,22 @@ def unpack_batch(
     return x, y, teacher, None
 
 
+_CORE_KEYS = ("inputs", "target", "index")
+
+
+def batch_extras(batch: Any, device: torch.device | str) -> dict[str, Any]:
+    """The entries of a dict batch besides ``inputs``, ``target``, ``index`` and
+    ``teacher.*`` (e.g. ``teacher_inputs`` and a token ``alignment``), tensors (and mappings
+    of tensors) on ``device``; empty for tuple batches."""
+    if not isinstance(batch, Mapping):
+        return {}
+    return {
+        key: _to_device(value, device) if isinstance(value, (Tensor, Mapping)) else value
+        for key, value in batch.items()
+        if key not in _CORE_KEYS and not key.startswith(TEACHER_PREFIX)
+    }
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module, inputs: Tensor, batch_size: int = 512, device: torch.device | str = "cpu"
@@ -364,6 +382,10 @@ class Trainer:
             :func:`kdistill.lm.batches.evaluate_lm` scores language models per token.
         callbacks: :class:`~kdistill.callbacks.Callback` s, after the model's own
             (``distiller.callbacks()`` when it has one).
+        accumulate_steps: micro-batches per optimizer step (gradient accumulation). Each
+            micro-batch's loss is weighted by its share of the window's counted targets, so
+            a step equals one step on the concatenated batch (for per-target mean losses);
+            ``steps``, the LR schedule and ``checkpoint_every`` count optimizer steps.
 
     Targets may be class ids ``(B,)`` for logits ``(B, C)`` or token ids ``(B, T)`` for logits
     ``(B, T, V)`` (already aligned with them); ``train_accuracy`` and the weights of the epoch
@@ -388,7 +410,11 @@ class Trainer:
         tensorboard: bool = True,
         evaluate_fn: Callable[..., Mapping[str, float]] | None = None,
         callbacks: Iterable[Callback] = (),
+        accumulate_steps: int = 1,
     ) -> None:
+        if accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+        self.accumulate_steps = accumulate_steps
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
         if skip_nonfinite < 0:
@@ -464,7 +490,9 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.train_loader)  # type: ignore[arg-type]
+        """Optimizer steps per epoch: the loader's batches in windows of ``accumulate_steps``
+        (the last window of an epoch may be shorter)."""
+        return -(-len(self.train_loader) // self.accumulate_steps)  # type: ignore[arg-type]
 
     @property
     def total_steps(self) -> int:
@@ -538,9 +566,10 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training data; returns mean losses, accuracy and the last LR.
 
-        After a mid-epoch resume, continues the epoch where its checkpoint left it.
+        Each optimizer step takes ``accumulate_steps`` micro-batches. After a mid-epoch
+        resume, continues the epoch where its checkpoint left it.
         """
-        steps = self.steps_per_epoch
+        steps, n_micro = self.steps_per_epoch, self.accumulate_steps
         partial, self._partial = self._partial, None
         if partial is None or partial.epoch != epoch:
             zero = torch.zeros((), dtype=torch.long, device=self.device)
@@ -550,15 +579,16 @@ class Trainer:
             self.train_loader.set_epoch(epoch)
         batches: Iterable[Any] = self.train_loader
         if partial.step:
+            done = partial.step * n_micro  # micro-batches the checkpoint had trained on
             if hasattr(self.train_loader, "set_start_step"):
-                self.train_loader.set_start_step(partial.step)
-            else:  # draw and drop the batches the checkpoint had already trained on
-                batches = itertools.islice(self.train_loader, partial.step, None)
+                self.train_loader.set_start_step(done)
+            else:  # draw and drop them
+                batches = itertools.islice(self.train_loader, done, None)
         self.distiller.train()
         self._logged = {}
         sums = _EpochSums(partial)
         bar = tqdm(
-            batches,
+            _windows(batches, n_micro),
             desc=f"epoch {epoch + 1}/{self.epochs}",
             disable=not self.progress,
             leave=False,
@@ -566,29 +596,26 @@ class Trainer:
             initial=partial.step,
             total=steps,
         )
-        for step, batch in enumerate(bar, start=partial.step):
-            x, y, cached, index = unpack_batch(batch, self.device)
-            self.distiller.set_progress(epoch + step / steps)
-            with torch.autocast(self.device.type, AMP_DTYPES[self.amp], self.amp != "none"):
-                out = self._forward(x, y, teacher_outputs=cached, index=index)
+        for step, window in enumerate(bar, start=partial.step):
             global_step = epoch * steps + step  # 0-based, like ``step``
             self.global_step = global_step
-            applied = self._step(out, epoch, step)
-            self.checkpointer.step_log.record(
-                epoch, step, global_step, out["loss"].detach(), applied
-            )
+            self.distiller.set_progress(epoch + step / steps)
+            micro = [self._unpack(batch) for batch in window]
+            outs, loss, applied = self._step(micro, epoch, step)
+            self.checkpointer.step_log.record(epoch, step, global_step, loss, applied)
             if applied:
                 self.callbacks.fire("on_optimizer_step", self, global_step)
-                counted = None if y is None else y != IGNORE_INDEX  # (B,) or (B, T)
-                n = _batch_size(x) if counted is None else int(counted.sum())
-                correct = None
-                if counted is not None:
-                    correct = ((out["logits"].argmax(-1) == y) & counted).sum()
-                sums.add(out, n, correct)
+                for (x, y, *_), out in zip(micro, outs, strict=True):
+                    counted = None if y is None else y != IGNORE_INDEX  # (B,) or (B, T)
+                    n = _batch_size(x) if counted is None else int(counted.sum())
+                    correct = None
+                    if counted is not None:
+                        correct = ((out["logits"].argmax(-1) == y) & counted).sum()
+                    sums.add(out, n, correct)
             else:
                 sums.skipped += 1
             self.global_step = global_step + 1
-            self.callbacks.fire("on_batch_end", self, global_step, out)
+            self.callbacks.fire("on_batch_end", self, global_step, outs[-1])
             if self.progress and step % 20 == 0 and sums.seen:
                 bar.set_postfix(
                     loss=f"{sums.sums['loss'].item() / sums.seen:.4f}",
@@ -599,6 +626,16 @@ class Trainer:
                 elapsed = time.perf_counter() - began
                 self._save(epoch, step + 1, sums.snapshot(epoch, step + 1, elapsed))
         return self._epoch_metrics(sums)
+
+    def _unpack(self, batch: Any) -> tuple[Any, Tensor | None, Any, Tensor | None, dict]:
+        x, y, cached, index = unpack_batch(batch, self.device)
+        return x, y, cached, index, batch_extras(batch, self.device)  # e.g. an alignment
+
+    def _forward_micro(self, micro: tuple[Any, ...]) -> Mapping[str, Any]:
+        x, y, cached, index, extras = micro
+        with torch.autocast(self.device.type, AMP_DTYPES[self.amp], self.amp != "none"):
+            more = {"extras": extras} if extras else {}
+            return self._forward(x, y, teacher_outputs=cached, index=index, **more)
 
     def _epoch_metrics(self, sums: _EpochSums) -> dict[str, float]:
         totals, correct, seen = sums.sums, sums.correct, sums.seen
@@ -615,50 +652,53 @@ class Trainer:
         metrics["skipped_steps"] = sums.skipped
         return metrics
 
-    def _step(self, out: Mapping[str, Tensor], epoch: int, step: int) -> bool:
-        """Backward and optimizer step; ``False`` when the batch was skipped as non-finite."""
-        loss = out["loss"]
+    def _step(
+        self, micro: list[tuple[Any, ...]], epoch: int, step: int
+    ) -> tuple[list[Mapping[str, Any]], Tensor, bool]:
+        """Forward and backward every micro-batch, then one optimizer step.
+
+        Each micro-batch's loss is weighted by its share of the counted targets of the
+        window (all ranks together), so the accumulated gradient is the gradient of the
+        mean over the whole window — what one batch of all of it gives. Returns the outputs,
+        the window's loss and ``False`` when the window was skipped as non-finite.
+        """
         where = (
             f"epoch {epoch + 1}, step {step} (global step {epoch * self.steps_per_epoch + step})"
         )
+        weights = _micro_weights([y if y is not None else x for x, y, *_ in micro])
+        self.optimizer.zero_grad(set_to_none=True)
+        outs: list[Mapping[str, Any]] = []
+        total = torch.zeros((), device=self.device)
         problem = None
-        if not distributed.all_true(bool(torch.isfinite(loss)), loss.device):
-            parts = {k: v.item() for k, v in out.items() if k.endswith("_loss")}
-            bad = [k for k, v in parts.items() if not math.isfinite(v)]
-            problem = f"non-finite loss at {where}: terms {bad} (all parts: {parts})"
-        else:
+        for i, (part, weight) in enumerate(zip(micro, weights, strict=True)):
+            out = self._forward_micro(part)
+            outs.append(out)
+            loss = out["loss"]
+            total = total + loss.detach().float() * weight
+            if not distributed.all_true(bool(torch.isfinite(loss)), loss.device):
+                parts = {k: v.item() for k, v in out.items() if k.endswith("_loss")}
+                bad = [k for k, v in parts.items() if not math.isfinite(v)]
+                problem = f"non-finite loss at {where}: terms {bad} (all parts: {parts})"
+                break
             if not loss.requires_grad:
                 raise RuntimeError(
                     "the loss has no gradient: no term depends on a trainable parameter, or "
                     "training was started under torch.no_grad()/inference_mode()"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is None:
-                loss.backward()
-            else:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
-            norm = self._grad_norm()  # of the all-reduced gradients: the same on every rank
-            finite = bool(torch.isfinite(norm))
-            if self.scaler is not None:
-                scale = self.scaler.get_scale()
-                if finite:
-                    self.scaler.step(self.optimizer)
-                self.scaler.update()  # halves the scale after non-finite gradients
-                if not finite and scale > 1.0:  # a float16 overflow: the scaler's business
-                    return self._skip()
-            elif finite:
-                self.optimizer.step()
-            if not finite:
-                parts = {k: round(v.item(), 6) for k, v in out.items() if k.endswith("_loss")}
-                problem = (
-                    f"non-finite gradient norm ({norm.item()}) at {where}: the loss terms are "
-                    f"finite ({parts}) but the gradients of {self._nonfinite_grads()} are not"
-                )
+            if weight != 1.0:
+                loss = loss * weight
+            last = i == len(micro) - 1
+            sync = last or not isinstance(self._forward, nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self._forward.no_sync():
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if problem is None:
+            problem, skipped_by_scaler = self._optimizer_step(outs, where)
+            if skipped_by_scaler:
+                return outs, total, self._skip()
         if problem is None:
             self._consecutive_skips = 0
             self.scheduler.step()
-            return True
+            return outs, total, True
         self.optimizer.zero_grad(set_to_none=True)
         self._consecutive_skips += 1
         if self.skip_nonfinite == 0:
@@ -671,7 +711,30 @@ class Trainer:
                 f"{problem}; {self._consecutive_skips} non-finite batches in a row, more than "
                 f"skip_nonfinite={self.skip_nonfinite}; stopped before the optimizer step"
             )
-        return self._skip()
+        return outs, total, self._skip()
+
+    def _optimizer_step(self, outs: list[Mapping[str, Any]], where: str) -> tuple[str | None, bool]:
+        """Clip, check and apply the accumulated gradients: ``(problem, skipped by the scaler)``."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
+        norm = self._grad_norm()  # of the all-reduced gradients: the same on every rank
+        finite = bool(torch.isfinite(norm))
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            if finite:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()  # halves the scale after non-finite gradients
+            if not finite and scale > 1.0:  # a float16 overflow: the scaler's business
+                return None, True
+        elif finite:
+            self.optimizer.step()
+        if finite:
+            return None, False
+        parts = {k: round(v.item(), 6) for k, v in outs[-1].items() if k.endswith("_loss")}
+        return (
+            f"non-finite gradient norm ({norm.item()}) at {where}: the loss terms are "
+            f"finite ({parts}) but the gradients of {self._nonfinite_grads()} are not"
+        ), False
 
     def _skip(self) -> bool:
         """Drop the batch's gradients without an optimizer step; returns ``False``."""
@@ -753,6 +816,32 @@ class Trainer:
         writer.writeheader()
         writer.writerows(self.history)
         atomic_write_text(self.output_dir / "metrics.csv", buffer.getvalue())
+
+
+def _windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``size`` batches (the last may be shorter)."""
+    iterator = iter(batches)
+    while window := list(itertools.islice(iterator, size)):
+        yield window
+
+
+def _micro_weights(targets: Sequence[Tensor]) -> list[float]:
+    """Each micro-batch's share of the window's counted targets (``!= IGNORE_INDEX``; rows of
+    an unlabelled batch), summed over all ranks; ``[1.0]`` for a single batch."""
+    if len(targets) == 1:
+        return [1.0]
+    counts = torch.tensor(
+        [
+            float((t != IGNORE_INDEX).sum()) if t.dtype in _INT_DTYPES else float(t.shape[0])
+            for t in targets
+        ],
+        dtype=torch.float64,
+    )
+    counts = distributed.all_sum(counts)
+    return (counts / counts.sum().clamp_min(1.0)).tolist()
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _check_shardable(model: Any, amp: str) -> None:
