@@ -15,7 +15,7 @@ Distiller's interface (see :mod:`kdistill.schemes.base`):
   :func:`labelled_split`, :func:`pseudo_label`.
 
 From YAML: a ``scheme:`` section next to the usual experiment sections
-(:mod:`kdistill.schemes.config`), run with ``python -m kdistill.schemes run FILE.yaml``.
+(:mod:`kdistill.schemes.config`), run with ``kdistill run FILE.yaml`` (``python -m kdistill.schemes run`` is the same).
 """
 
 from __future__ import annotations

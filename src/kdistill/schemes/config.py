@@ -27,6 +27,7 @@ from kdistill.config import (
     ExperimentConfig,
     ModelConfig,
     _build,
+    _check_positive,
     config_from_dict,
     parse_yaml,
     read_config_file,
@@ -49,12 +50,6 @@ def _check_unit(obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name}: must be in [0, 1], got {value}")
-
-
-def _check_positive(obj: Any, *names: str) -> None:
-    for name in names:
-        if not getattr(obj, name) > 0:
-            raise ConfigError(f"{name}: must be > 0, got {getattr(obj, name)}")
 
 
 @dataclass
