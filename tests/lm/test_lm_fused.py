@@ -358,6 +358,7 @@ from kdistill.cache import topk_log_probs  # noqa: E402
 from kdistill.lm.divergences import _WORKING_SET  # noqa: E402
 from kdistill.lm.fused import (  # noqa: E402
     FusedTopKDivergenceLoss,
+    causal_lm_head_inputs,
     fused_topk_divergence,
 )
 
@@ -645,3 +646,57 @@ def test_fused_topk_module_equals_function() -> None:
             labels=LABELS,
         ),
     )
+
+
+# --------------------------------------------------------------------------- HF models
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_llama(tied: bool, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_causal_lm_head_inputs_give_the_models_logits_and_gradients_reach_the_parameters(
+    tied: bool,
+) -> None:
+    """The fused path on (hidden, lm_head.weight) trains every parameter as the plain path."""
+    student, teacher = _tiny_llama(tied, seed=50), _tiny_llama(False, seed=51)
+    ids = torch.randint(0, 64, (2, 9), generator=_gen(52))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    with torch.no_grad():
+        t_logits = teacher(**inputs).logits
+
+    hidden, weight, bias = causal_lm_head_inputs(student, inputs)
+    assert hidden.shape == (2, 9, 16) and bias is None
+    assert weight is student.lm_head.weight
+    assert (weight is student.model.embed_tokens.weight) == tied
+    assert not student.model._forward_hooks  # the hook is gone
+    fused_linear_divergence(hidden, weight, t_logits, "jsd", labels=labels).backward()
+    fused_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+
+    logits = student(**inputs).logits
+    torch.testing.assert_close(F.linear(hidden.detach(), weight.detach()), logits.detach())
+    token_divergence_reference(logits, t_logits, "jsd", labels=labels).backward()
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_causal_lm_head_inputs_reject_a_model_without_a_head() -> None:
+    with pytest.raises(TypeError, match=r"Linear has no get_decoder\(\).*distill.fused: false"):
+        causal_lm_head_inputs(torch.nn.Linear(3, 4), {})

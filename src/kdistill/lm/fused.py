@@ -31,12 +31,14 @@ the result equals ``token_divergence(F.linear(h, W, b), teacher_logits, ...)``.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from kdistill.lm.divergences import (
@@ -59,6 +61,7 @@ from kdistill.losses._reduce import _compute_dtype
 __all__ = [
     "FusedLinearDivergenceLoss",
     "FusedTopKDivergenceLoss",
+    "causal_lm_head_inputs",
     "fused_linear_divergence",
     "fused_topk_divergence",
 ]
@@ -743,3 +746,77 @@ class FusedTopKDivergenceLoss(DivergenceSettings):
             chunk_size=self.chunk_size,
             chunk_bytes=self.chunk_bytes,
         )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DDP / ``torch.compile`` wrappers (FSDP2 wraps in place)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def causal_lm_head_inputs(
+    model: nn.Module, inputs: Mapping[str, Any]
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The inputs of a causal LM's ``lm_head``: its final hidden states, weight and bias.
+
+    Runs ``model(**inputs)`` once — through ``model`` itself, so a DDP or FSDP wrapper's
+    forward (gradient-sync set-up, parameter all-gather) runs as usual — asking the model to
+    project only the last position (``logits_to_keep=1``, ``num_logits_to_keep`` before
+    transformers 4.49; models without either compute their logits as usual), and reads the
+    decoder's ``last_hidden_state`` (after the final norm: the ``lm_head``'s input) through a
+    forward hook removed afterwards. ``output_hidden_states=True`` is not used: from
+    transformers 5 its last entry is the last layer's output *before* the final norm.
+
+    Returns:
+        ``hidden`` ``(B, T, H)`` with the graph to the model's parameters; ``weight``
+        ``(V, H)`` = ``get_output_embeddings().weight`` — the parameter itself (for tied
+        embeddings the input embedding matrix), so that the fused loss's gradient reaches it;
+        ``bias`` ``(V,)`` or ``None``. Feed them to :func:`fused_linear_divergence` /
+        :func:`fused_topk_divergence` with labels aligned to all ``T`` positions.
+
+    Raises:
+        TypeError: the model has no ``get_decoder()`` / ``get_output_embeddings()`` (not a
+            Hugging Face causal LM), naming its class.
+    """
+    inner = _unwrap(model)
+    get_decoder = getattr(inner, "get_decoder", None)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    head = get_head() if callable(get_head) else None
+    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
+        raise TypeError(
+            f"{type(inner).__name__} has no get_decoder() / get_output_embeddings(): the fused "
+            "head needs a Hugging Face causal LM (e.g. LlamaForCausalLM); pass its logits to "
+            "the plain loss instead (distill.fused: false)"
+        )
+    captured: list[Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        captured.append(hidden if isinstance(hidden, Tensor) else output[0])
+
+    params = inspect.signature(inner.forward).parameters
+    extra = {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            extra[name] = 1
+            break
+    handle = decoder.register_forward_hook(keep)
+    try:
+        model(**inputs, **extra)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"the decoder of {type(inner).__name__} ran {len(captured)} times in one forward; "
+            "expected once"
+        )
+    return captured[0], head.weight, getattr(head, "bias", None)
