@@ -4,7 +4,9 @@ In offline KD the teacher is frozen, so a loop that runs it every step recompute
 outputs every epoch. :func:`build_cache` runs the teacher once over a data set (under
 ``torch.inference_mode``) and writes its outputs to a folder; :func:`open_cache` maps them
 back without reading them into memory; :func:`load_or_build` does whichever is needed and is
-what ``distill.cache_dir`` in a run config uses.
+what ``distill.cache_dir`` in a run config uses. :func:`build_topk_cache` /
+:func:`load_or_build_topk` write top-k rows computed elsewhere (a teacher behind a server,
+``distill.teacher``) into the same layout, under a teacher identity the caller gives.
 
 Layouts (``manifest["layout"]``):
 
@@ -68,7 +70,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -91,10 +93,12 @@ __all__ = [
     "StaleCacheError",
     "TeacherCache",
     "build_cache",
+    "build_topk_cache",
     "bytes_per_row",
     "data_fingerprint",
     "index_dtype_for",
     "load_or_build",
+    "load_or_build_topk",
     "open_cache",
     "teacher_identity",
     "topk_log_probs",
@@ -629,21 +633,12 @@ def build_cache(
     layout = _layout_of(keys, k)
     if inputs.shape[0] == 0:
         raise ValueError("build_cache got no inputs (0 rows); nothing to cache")
-    if values_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(
-            f"values_dtype must be torch.float16, torch.bfloat16 or torch.float32, got "
-            f"{values_dtype}"
-        )
+    _check_values_dtype(values_dtype)
     identity = teacher_identity(teacher)
     fingerprint = data_fingerprint(inputs, data_name, transform, attention_mask)
-    if (path / MANIFEST).exists():
-        if not rebuild:
-            return open_cache(path, teacher=identity, data=fingerprint)
-        (path / MANIFEST).unlink()  # invalidate first: a crash from here on leaves no manifest
-        _fsync_dir(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for debris in [*path.glob("shard-*.npy"), *path.glob(".shard-*.tmp-*")]:
-        debris.unlink()
+    existing = _prepare_folder(path, identity, fingerprint, rebuild)
+    if existing is not None:
+        return existing
 
     writer = _ShardWriter(path, int(inputs.shape[0]), shard_bytes)
     vocab: int | None = None
@@ -667,13 +662,51 @@ def build_cache(
         raise
     finally:
         passes.close()  # leaves inference mode, removes the taps, restores the train mode
+    return _finish(path, writer, layout, identity, fingerprint, k, vocab)
 
+
+def _check_values_dtype(values_dtype: torch.dtype) -> None:
+    if values_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"values_dtype must be torch.float16, torch.bfloat16 or torch.float32, got "
+            f"{values_dtype}"
+        )
+
+
+def _prepare_folder(
+    path: Path, identity: Mapping[str, str], fingerprint: Mapping[str, Any], rebuild: bool
+) -> TeacherCache | None:
+    """The existing cache of this teacher and data (``None``: write one into an empty folder).
+
+    With ``rebuild`` the manifest goes first, so a crash from there on leaves no manifest.
+    """
+    if (path / MANIFEST).exists():
+        if not rebuild:
+            return open_cache(path, teacher=identity, data=fingerprint)
+        (path / MANIFEST).unlink()
+        _fsync_dir(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for debris in [*path.glob("shard-*.npy"), *path.glob(".shard-*.tmp-*")]:
+        debris.unlink()
+    return None
+
+
+def _finish(
+    path: Path,
+    writer: _ShardWriter,
+    layout: str,
+    identity: Mapping[str, str],
+    fingerprint: Mapping[str, Any],
+    k: int | None,
+    vocab: int | None,
+) -> TeacherCache:
+    """Write the manifest (last, atomically) and open the finished cache."""
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "layout": layout,
-        "teacher": identity,
-        "data": fingerprint,
+        "teacher": dict(identity),
+        "data": dict(fingerprint),
         "logits": "raw, temperature-free"
         if layout == "dense"
         else "top-k log_softmax(logits) at T=1 (raw logits minus their logsumexp); "
@@ -685,6 +718,86 @@ def build_cache(
     }
     atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return open_cache(path, teacher=identity, data=fingerprint, verify="size")
+
+
+TopKRows = tuple[Tensor, Tensor, Tensor]
+"""``(values (b, T, k), indices (b, T, k), rest_log_mass (b, T))`` of ``b`` rows of a cache."""
+
+
+def build_topk_cache(
+    path: str | os.PathLike[str],
+    rows: Iterable[TopKRows],
+    inputs: Tensor,
+    *,
+    identity: Mapping[str, str],
+    data_name: str,
+    k: int,
+    vocab_size: int,
+    transform: str = "none",
+    attention_mask: Tensor | None = None,
+    values_dtype: torch.dtype = torch.float16,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    rebuild: bool = False,
+) -> TeacherCache:
+    """Write precomputed top-k teacher rows (e.g. scored by a server) as a top-k cache.
+
+    The same folder, manifest and checks as :func:`build_cache` with ``k``: only the source
+    of the rows differs, so :func:`open_cache` / :func:`load_or_build_topk` verify it alike.
+
+    Args:
+        path: the cache folder (an existing cache of this teacher and data is returned
+            unless ``rebuild``; another one is refused, as in :func:`build_cache`).
+        rows: batches ``(values (b, T, k), indices (b, T, k), rest_log_mass (b, T))`` in
+            the order of ``inputs`` — log-probabilities at ``T = 1``, token ids in
+            ``[0, vocab_size)``, the log of the mass on the other ids — ``N`` rows in all.
+        inputs: ``(N, T)`` token ids the rows belong to (their data fingerprint).
+        identity: ``{"class", "sha256"}`` of the teacher (a module's
+            :func:`teacher_identity`, or e.g. ``{"class": "server", ...}``).
+        data_name / transform / attention_mask: the data fingerprint, as for
+            :func:`build_cache` (the same values give the same fingerprint).
+        k / vocab_size: top-k width and the teacher's vocabulary (the index dtype).
+        values_dtype / shard_bytes: as for :func:`build_cache`.
+    """
+    path = Path(path)
+    total = int(inputs.shape[0])
+    if total == 0:
+        raise ValueError("build_topk_cache got no inputs (0 rows); nothing to cache")
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"k must be in [1, vocab_size = {vocab_size}], got {k}")
+    _check_values_dtype(values_dtype)
+    fingerprint = data_fingerprint(inputs, data_name, transform, attention_mask)
+    existing = _prepare_folder(path, identity, fingerprint, rebuild)
+    if existing is not None:
+        return existing
+    writer = _ShardWriter(path, total, shard_bytes)
+    width = int(inputs.shape[1])
+    try:
+        for values, indices, rest in rows:
+            b = values.shape[0]
+            if values.shape != (b, width, k) or indices.shape != values.shape:
+                raise ValueError(
+                    f"top-k rows must be values and indices (b, T = {width}, k = {k}); got "
+                    f"{tuple(values.shape)} and {tuple(indices.shape)}"
+                )
+            if rest.shape != (b, width):
+                raise ValueError(f"rest_log_mass must be (b, {width}), got {tuple(rest.shape)}")
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab_size):
+                raise ValueError(f"top-k token ids must lie in [0, {vocab_size})")
+            if writer.written + b > total:
+                raise ValueError(f"more top-k rows than the {total} inputs")
+            writer.write(
+                {
+                    TOPK_VALUES: values.to("cpu", values_dtype),
+                    TOPK_INDICES: indices.to("cpu", index_dtype_for(vocab_size)),
+                    REST_LOG_MASS: rest.to("cpu", torch.float32),
+                }
+            )
+        if writer.written != total:
+            raise ValueError(f"{writer.written} top-k rows for {total} inputs")
+    except BaseException:
+        writer.abort()
+        raise
+    return _finish(path, writer, "topk", identity, fingerprint, k, vocab_size)
 
 
 def load_or_build(
@@ -707,19 +820,69 @@ def load_or_build(
         fingerprint = data_fingerprint(
             inputs, data_name, transform, build_kwargs.get("attention_mask")
         )
-        cache = open_cache(path, teacher=teacher, data=fingerprint)
         keys = list(build_kwargs.get("keys", (LOGITS,)))
-        k = build_kwargs.get("k")
-        if (
-            cache.manifest["layout"] != _layout_of(keys, k)
-            or cache.manifest.get("k") != k
-            or (k is None and sorted(cache.tensors) != sorted(keys))
-        ):
-            raise StaleCacheError(
-                f"teacher cache {path} holds {cache.manifest['layout']} {sorted(cache.tensors)} "
-                f"(k={cache.manifest.get('k')}), this run needs {keys} (k={k}); delete {path} "
-                "or rebuild it (rebuild=True, or distill.cache_rebuild: true)"
-            )
-        return cache, False
+        return _open_matching(path, teacher, fingerprint, keys, build_kwargs.get("k")), False
     cache = build_cache(path, teacher, inputs, data_name=data_name, rebuild=True, **build_kwargs)
+    return cache, True
+
+
+def _open_matching(
+    path: Path,
+    teacher: nn.Module | Mapping[str, str],
+    fingerprint: Mapping[str, Any],
+    keys: list[str],
+    k: int | None,
+) -> TeacherCache:
+    """Open an existing cache and check it holds what this run needs (layout, k, keys)."""
+    cache = open_cache(path, teacher=teacher, data=fingerprint)
+    if (
+        cache.manifest["layout"] != _layout_of(keys, k)
+        or cache.manifest.get("k") != k
+        or (k is None and sorted(cache.tensors) != sorted(keys))
+    ):
+        raise StaleCacheError(
+            f"teacher cache {path} holds {cache.manifest['layout']} {sorted(cache.tensors)} "
+            f"(k={cache.manifest.get('k')}), this run needs {keys} (k={k}); delete {path} "
+            "or rebuild it (rebuild=True, or distill.cache_rebuild: true)"
+        )
+    return cache
+
+
+def load_or_build_topk(
+    path: str | os.PathLike[str],
+    rows: Callable[[], Iterable[TopKRows]],
+    inputs: Tensor,
+    *,
+    identity: Mapping[str, str],
+    data_name: str,
+    k: int,
+    rebuild: bool = False,
+    **build_kwargs: Any,
+) -> tuple[TeacherCache, bool]:
+    """:func:`load_or_build` for precomputed top-k rows: open the cache at ``path`` if it
+    exists (same teacher ``identity``, data and ``k``), else call ``rows()`` and write them
+    with :func:`build_topk_cache` (``build_kwargs``: its ``vocab_size``, ``transform``,
+    ``attention_mask``, ``values_dtype``, ``shard_bytes``). ``rows`` is only called to build,
+    so an expensive source (a server) is not asked when the cache is already there.
+    Returns ``(cache, built)``.
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists() and not rebuild:
+        fingerprint = data_fingerprint(
+            inputs,
+            data_name,
+            build_kwargs.get("transform", "none"),
+            build_kwargs.get("attention_mask"),
+        )
+        return _open_matching(path, identity, fingerprint, [LOGITS], k), False
+    cache = build_topk_cache(
+        path,
+        rows(),
+        inputs,
+        identity=identity,
+        data_name=data_name,
+        k=k,
+        rebuild=True,
+        **build_kwargs,
+    )
     return cache, True

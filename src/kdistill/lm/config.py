@@ -34,6 +34,24 @@ divergence when ``cache_topk`` is the vocabulary size and ``cache_dtype: float32
 ``chunk_size`` does not apply to it). A cache built from another teacher or other texts, or
 with another ``cache_topk``, is refused unless ``cache_rebuild: true``.
 
+Teachers behind a server (:mod:`kdistill.serve`):
+
+* ``data.generated_file`` — a ``kdistill generate`` file (prompts + a served teacher's
+  completions) is the data of ``objective: seqkd``, with no local teacher: the student
+  trains on prompt + completion with the loss on completion tokens only (plus the EOS the
+  teacher stopped with). ``distill.alpha > 0`` adds the token-level KD term on the top-k
+  log-probabilities the file holds for every completion token
+  (:class:`~kdistill.lm.generated.CoveredTopKTokenKDLoss`, the mass outside the top-k one
+  bucket, as for the on-disk cache); the student must then share the teacher's tokenizer
+  (another is an error naming the line). ``data.generated_topk``: ``auto`` (the top-k are
+  read when ``alpha > 0``), ``true`` (they must be used: ``alpha > 0``), ``false``
+  (sequence-level KD alone: ``alpha: 0``).
+* ``distill.teacher: {endpoint, model, ...}`` (``token_kd`` with ``cache_dir``) — the
+  top-k cache is filled by a server scoring the training texts teacher-forced
+  (:func:`kdistill.serve.scoring.score_texts`), instead of a local teacher; a server whose
+  echoed prompt rows are shifted by one is refused (``on_shift: refuse``) or corrected
+  (``on_shift: correct``).
+
 Several processes: under ``torchrun --nproc_per_node N -m kdistill lm ...`` a ``token_kd``
 run trains with DDP (each rank a contiguous 1/N of every global batch of ``data.batch_size``
 texts, which must divide by N; the frozen teacher unwrapped; rank 0 writes the run folder).
@@ -59,6 +77,7 @@ from kdistill.config import (
     _check_positive,
     read_config_file,
 )
+from kdistill.serve.config import TeacherEndpointConfig
 
 __all__ = [
     "CORPORA",
@@ -68,6 +87,7 @@ __all__ = [
     "LMModelConfig",
     "LMTrainConfig",
     "SeqKDConfig",
+    "ServedTeacherConfig",
     "lm_config_from_dict",
     "load_lm_config",
 ]
@@ -135,8 +155,10 @@ class LMDataConfig:
     """Where the text comes from, how it is tokenised and batched.
 
     One of ``text_file`` (UTF-8; one example per non-empty line, or per blank-line
-    separated paragraph with ``split: paragraphs``) or ``corpus`` (a built-in source,
-    :data:`CORPORA`). ``tokenizer``: ``byte`` (UTF-8 bytes, 260 ids, nothing to
+    separated paragraph with ``split: paragraphs``), ``corpus`` (a built-in source,
+    :data:`CORPORA`) or ``generated_file`` (a ``kdistill generate`` JSONL: prompts and a
+    served teacher's completions, for ``objective: seqkd``; ``generated_topk`` says whether
+    its top-k log-probabilities feed the KD term — see the module docstring). ``tokenizer``: ``byte`` (UTF-8 bytes, 260 ids, nothing to
     download) or a tokenizer folder; default the teacher's ``path`` if it has one, else
     ``byte``. Texts are tokenised, truncated to ``max_length`` tokens, shuffled with the
     run's seed and split into ``1 − eval_fraction`` / ``eval_fraction``.
@@ -145,6 +167,8 @@ class LMDataConfig:
 
     text_file: str | None = None
     corpus: Literal["pydoc_topics", "kjv", "wordnet", "fortunes"] | None = None
+    generated_file: str | None = None  # a kdistill generate file (objective: seqkd)
+    generated_topk: Literal["auto", True, False] = "auto"  # use the file's top-k logprobs
     root: str | None = None  # folder for the wordnet / fortunes / kjv loaders
     split: Literal["lines", "paragraphs"] = "lines"
     tokenizer: str | None = None
@@ -157,10 +181,20 @@ class LMDataConfig:
     prompt_tokens: int = 8
 
     def __post_init__(self) -> None:
-        if (self.text_file is None) == (self.corpus is None):
+        sources = [
+            name
+            for name in ("text_file", "corpus", "generated_file")
+            if getattr(self, name) is not None
+        ]
+        if len(sources) != 1:
             raise ConfigError(
-                "text_file: give exactly one of text_file (a UTF-8 file) or corpus "
-                f"({', '.join(CORPORA)})"
+                f"{(sources or ['text_file'])[0]}: give exactly one of text_file (a UTF-8 "
+                f"file), corpus ({', '.join(CORPORA)}) or generated_file (a kdistill generate "
+                f"file); got {', '.join(sources) or 'none'}"
+            )
+        if self.generated_topk != "auto" and self.generated_file is None:
+            raise ConfigError(
+                "generated_topk: applies to generated_file only; remove it or give a generated_file"
             )
         _check_positive(self, "batch_size", "eval_batch_size", "prompt_tokens")
         _check_optional_positive(self, "max_examples")
@@ -200,6 +234,31 @@ class SeqKDConfig:
 
 
 @dataclass
+class ServedTeacherConfig(TeacherEndpointConfig):
+    """``distill.teacher``: a teacher behind an OpenAI-compatible server that scores the
+    training texts teacher-forced (``/v1/completions`` with ``prompt_logprobs``, or
+    ``echo`` + ``logprobs``) to fill the top-k cache of ``token_kd``.
+
+    The endpoint keys of ``kdistill generate``'s ``teacher:`` section
+    (:class:`~kdistill.serve.config.TeacherEndpointConfig`: ``endpoint``, ``model``,
+    ``api_key_env``, ``timeout``, ``max_retries``, ``backoff``, ``max_backoff``,
+    ``concurrency``; ``api`` is unused: scoring always asks ``/v1/completions``) plus
+    ``on_shift``: what to do with a server whose echoed prompt log-probabilities are shifted
+    by one position (llama.cpp's): ``refuse`` (an error) or ``correct`` (move them back).
+    """
+
+    on_shift: Literal["refuse", "correct"] = "refuse"
+
+    def identity(self) -> dict[str, str]:
+        """The cache's teacher identity: ``{"class": "server", "sha256": sha256(endpoint +
+        model)}`` (a cache scored by another server or model is refused as stale)."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.endpoint}{self.model}".encode()).hexdigest()
+        return {"class": "server", "sha256": digest}
+
+
+@dataclass
 class LMDistillConfig:
     """The objective and its hyper-parameters (see the module docstring)."""
 
@@ -225,6 +284,8 @@ class LMDistillConfig:
     cache_topk: int = 64  # teacher log-probabilities kept per token (the vocabulary: exact)
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # of the cached values
     cache_rebuild: bool = False  # rebuild the cache_dir cache even if one is there
+    # token_kd: fill cache_dir by asking a served teacher instead of running a local one
+    teacher: ServedTeacherConfig | None = None
 
     @property
     def resolved_temperature(self) -> float:
@@ -254,6 +315,17 @@ class LMDistillConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(
                 f"alpha: must be in [0, 1] (weight of the soft term), got {self.alpha}"
+            )
+        if self.teacher is not None and self.objective != "token_kd":
+            raise ConfigError(
+                f"teacher: a served teacher fills the top-k cache of objective token_kd, not "
+                f"{self.objective}; for sequence-level KD from a server run kdistill generate "
+                "and train on data.generated_file"
+            )
+        if self.teacher is not None and self.cache_dir is None:
+            raise ConfigError(
+                "teacher: a served teacher's scores are kept in the on-disk top-k cache; add "
+                "distill.cache_dir (a folder)"
             )
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"mlm_probability: must be in (0, 1), got {self.mlm_probability}")
@@ -303,7 +375,12 @@ class LMExperimentConfig:
 
     def __post_init__(self) -> None:
         objective = self.distill.objective
-        uses_teacher = objective != "token_kd" or self.distill.alpha > 0
+        served = self.distill.teacher is not None
+        from_file = self.data.generated_file is not None
+        self._check_served_sources(served, from_file)
+        uses_teacher = (objective != "token_kd" or self.distill.alpha > 0) and not (
+            served or from_file
+        )
         if self.teacher is None and (uses_teacher or self.student.init_from_teacher):
             why = "student.init_from_teacher" if self.student.init_from_teacher else objective
             raise ConfigError(f"teacher: {why} needs a teacher; add a teacher section")
@@ -333,6 +410,35 @@ class LMExperimentConfig:
             raise ConfigError(
                 f"distill.objective: {objective} needs causal LMs (arch: llama); "
                 "use objective: distilbert for arch: bert"
+            )
+
+    def _check_served_sources(self, served: bool, from_file: bool) -> None:
+        """A served teacher (``distill.teacher``) or a generated file in place of a model."""
+        d = self.distill
+        if served and self.teacher is not None:
+            raise ConfigError(
+                "teacher: give a local teacher model or distill.teacher (a served one), not "
+                "both; remove the teacher section"
+            )
+        if not from_file:
+            return
+        if d.objective != "seqkd":
+            raise ConfigError(
+                f"data.generated_file: trains by sequence-level KD on the file's completions; "
+                f"set distill.objective: seqkd (got {d.objective})"
+            )
+        topk = self.data.generated_topk
+        if topk is False and d.alpha > 0:
+            raise ConfigError(
+                f"distill.alpha: {d.alpha} weighs token-level KD on the file's top-k "
+                "log-probabilities, which data.generated_topk: false turns off; set "
+                "distill.alpha: 0 (sequence-level KD alone) or data.generated_topk: auto"
+            )
+        if topk is True and d.alpha == 0:
+            raise ConfigError(
+                "data.generated_topk: true reads the file's top-k log-probabilities for the "
+                "KD term, whose weight distill.alpha is 0; set distill.alpha > 0 or "
+                "data.generated_topk: auto"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -52,7 +52,9 @@ from kdistill.cache import (
     TOPK_VALUES,
     CacheError,
     TeacherCache,
+    TopKRows,
     load_or_build,
+    load_or_build_topk,
 )
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import ConfigError
@@ -64,12 +66,19 @@ from kdistill.lm.batches import (
     evaluate_lm,
     pad_right,
 )
-from kdistill.lm.config import LMDataConfig, LMExperimentConfig, LMModelConfig
+from kdistill.lm.config import LMDataConfig, LMExperimentConfig, LMModelConfig, ServedTeacherConfig
 from kdistill.lm.distilbert import (
     DISTILBERT_WEIGHTS,
     MLMCollator,
     distilbert_terms,
     last_layer_name,
+)
+from kdistill.lm.generated import (
+    CoveredTopKTokenKDLoss,
+    GeneratedData,
+    GeneratedTopKCollator,
+    load_generated,
+    token_map_for,
 )
 from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss
 from kdistill.lm.seqkd import GenerationSettings, OnPolicyLoader, build_seqkd_examples
@@ -351,10 +360,8 @@ def _teacher_topk_cache(
     assert d.cache_dir is not None
     path = Path(d.cache_dir).expanduser()
     inputs, mask = pad_right(train_ids, pad_token_id)
-    source = cfg.data.text_file or cfg.data.corpus
     build = {
-        "data_name": f"lm:{source}:train",
-        "transform": f"tokens(max_length={cfg.data.max_length}, pad={pad_token_id})",
+        **_cache_data_names(cfg, pad_token_id),
         "k": d.cache_topk,
         "attention_mask": mask,
         "batch_size": cfg.data.eval_batch_size,
@@ -379,6 +386,99 @@ def _teacher_topk_cache(
         "k": cache.k,
         "rows": cache.num_rows,
         "bytes_per_token": cache.bytes_per_row() / inputs.shape[1],
+    }
+    return cache, info
+
+
+def _cache_data_names(cfg: LMExperimentConfig, pad_token_id: int) -> dict[str, str]:
+    """``data_name`` and ``transform`` of the training texts' cache fingerprint (the same
+    for a local and a served teacher: the same texts give the same fingerprint)."""
+    source = cfg.data.text_file or cfg.data.corpus
+    return {
+        "data_name": f"lm:{source}:train",
+        "transform": f"tokens(max_length={cfg.data.max_length}, pad={pad_token_id})",
+    }
+
+
+def _served_rows(
+    served: ServedTeacherConfig, train_ids: list[list[int]], width: int, k: int, tokenizer: Any
+) -> TopKRows:
+    """Teacher-forced top-k of every training text, scored by the server ``distill.teacher``.
+
+    The texts go out as token ids (rows then line up with them exactly); row ``t`` predicts
+    token ``t + 1``; the last row of a text and its padding are placeholders (their labels
+    are ignored). Returns ``values (N, width, k)``, ``indices (N, width, k)``,
+    ``rest_log_mass (N, width)``.
+    """
+    from kdistill.serve.client import EndpointError
+    from kdistill.serve.scoring import placeholder_rows, score_texts_sync, topk_rows
+
+    try:
+        scored = score_texts_sync(
+            served.client, served.model, train_ids, k, on_shift=served.on_shift
+        )
+    except (EndpointError, ConfigError) as err:  # ScoringUnsupported, MisalignedServerError
+        raise ConfigError(f"distill.teacher: {err}") from None
+    token_map = token_map_for(tokenizer)
+    values, indices, rest = placeholder_rows(len(train_ids) * width, k)
+    values, indices = values.view(-1, width, k), indices.view(-1, width, k)  # (N, T, k)
+    rest = rest.view(-1, width)  # (N, T)
+    for i, (ids, text) in enumerate(zip(train_ids, scored, strict=True)):
+        v, idx, r, got = topk_rows(text, k, token_map)  # (T_i, k), (T_i, k), (T_i,)
+        if got != list(ids):
+            raise ConfigError(
+                f"distill.teacher: the server scored training text {i} as other tokens than "
+                "the student's tokenizer gives; the teacher's and the student's tokenizers "
+                "differ (use the teacher's tokenizer: data.tokenizer)"
+            )
+        values[i, : len(ids)], indices[i, : len(ids)], rest[i, : len(ids)] = v, idx, r
+    return values, indices, rest
+
+
+def _served_topk_cache(
+    cfg: LMExperimentConfig, train_ids: list[list[int]], pad_token_id: int, tokenizer: Any
+) -> tuple[TeacherCache, dict[str, Any]]:
+    """Open or fill the top-k cache ``distill.cache_dir`` from the served teacher
+    ``distill.teacher`` (:func:`_served_rows`); the server is only asked when the cache is
+    missing or ``cache_rebuild``. Under torchrun rank 0 fills it while the others wait."""
+    d = cfg.distill
+    assert d.cache_dir is not None and d.teacher is not None
+    path = Path(d.cache_dir).expanduser()
+    inputs, mask = pad_right(train_ids, pad_token_id)  # (N, T)
+    vocab = _vocab_size(tokenizer)
+    if d.cache_topk > vocab:
+        raise ConfigError(
+            f"distill.cache_topk: {d.cache_topk} exceeds the vocabulary of {vocab} ids"
+        )
+    served, k, width = d.teacher, d.cache_topk, inputs.shape[1]
+    build = {
+        **_cache_data_names(cfg, pad_token_id),
+        "identity": served.identity(),
+        "k": k,
+        "vocab_size": vocab,
+        "attention_mask": mask,
+        "values_dtype": getattr(torch, d.cache_dtype),
+    }
+
+    def rows() -> list[TopKRows]:
+        return [_served_rows(served, train_ids, width, k, tokenizer)]
+
+    built = False
+    try:
+        if distributed.is_main():
+            cache, built = load_or_build_topk(path, rows, inputs, rebuild=d.cache_rebuild, **build)
+        distributed.barrier()
+        if not distributed.is_main():
+            cache, _ = load_or_build_topk(path, rows, inputs, rebuild=False, **build)
+    except CacheError as err:
+        raise ConfigError(f"distill.cache_dir: {err}") from err
+    info = {
+        "path": str(path),
+        "built": built,
+        "k": cache.k,
+        "rows": cache.num_rows,
+        "bytes_per_token": cache.bytes_per_row() / width,
+        "teacher": {"endpoint": served.endpoint, "model": served.model},
     }
     return cache, info
 
@@ -460,6 +560,7 @@ class LMSetup:
     train_ids: list[list[int]]
     eval_ids: list[list[int]]
     device: torch.device
+    generated: GeneratedData | None = None  # data.generated_file: its examples and top-k
 
     @property
     def pad(self) -> int:
@@ -513,10 +614,15 @@ def _build_token_kd(run: LMSetup) -> LMObjective:
     kd = LossTerm("kd", _token_kd(cfg), weight=d.alpha)
     info: dict[str, Any] = {}
     if d.cache_dir is not None:  # alpha > 0 (config validation)
-        assert run.teacher is not None
-        cache, info["teacher_cache"] = _teacher_topk_cache(
-            cfg, run.teacher, run.train_ids, run.pad, run.device
-        )
+        if d.teacher is not None:  # a served teacher scores the texts (distill.teacher)
+            cache, info["teacher_cache"] = _served_topk_cache(
+                cfg, run.train_ids, run.pad, run.tokenizer
+            )
+        else:
+            assert run.teacher is not None
+            cache, info["teacher_cache"] = _teacher_topk_cache(
+                cfg, run.teacher, run.train_ids, run.pad, run.device
+            )
         examples = [{"input_ids": x, "row": i} for i, x in enumerate(run.train_ids)]
         collate = _TopKCollator(collate, cache)
         topk = TopKTokenKDLoss(
@@ -530,6 +636,8 @@ def _build_token_kd(run: LMSetup) -> LMObjective:
 def _build_seqkd(run: LMSetup) -> LMObjective:
     """Sequence-level KD (Kim & Rush 2016): train on the teacher's own completions of the
     prompts (``alpha`` > 0 adds token KD on them)."""
+    if run.generated is not None:
+        return _build_seqkd_from_file(run)
     assert run.teacher is not None
     info: dict[str, Any] = {}
     examples, info["seqkd"] = _seqkd_examples(
@@ -538,6 +646,23 @@ def _build_seqkd(run: LMSetup) -> LMObjective:
     kd = LossTerm("kd", _token_kd(run.cfg), weight=run.cfg.distill.alpha)
     loader = run.shuffled(examples, run.causal_collate())
     return LMObjective(_kd_and_ce(run.cfg, kd), loader, run.causal_eval_loader(), info)
+
+
+def _build_seqkd_from_file(run: LMSetup) -> LMObjective:
+    """Sequence-level KD on a served teacher's completions (``data.generated_file``, no local
+    teacher); ``alpha`` > 0 adds token KD on the file's top-k (:mod:`kdistill.lm.generated`)."""
+    cfg, d, data = run.cfg, run.cfg.distill, run.generated
+    assert data is not None
+    collate: Any = run.causal_collate()
+    if data.k is not None:  # alpha > 0: the rows ride along as teacher.topk
+        collate = GeneratedTopKCollator(collate, data.k)
+    loss = CoveredTopKTokenKDLoss(
+        d.divergence, beta=d.beta, skew_alpha=d.skew_alpha, temperature=d.resolved_temperature
+    )
+    kd = LossTerm("kd", loss, weight=d.alpha, teacher=TOPK)
+    loader = run.shuffled(data.train, collate)
+    eval_loader = ExampleLoader(data.eval, run.causal_collate(), cfg.data.eval_batch_size)
+    return LMObjective(_kd_and_ce(cfg, kd), loader, eval_loader, {"generated": data.info})
 
 
 def _build_gkd(run: LMSetup) -> LMObjective:
@@ -627,6 +752,38 @@ def _for_several_processes(objective: LMObjective) -> None:
     objective.train_loader = RankShareLoader(objective.train_loader)
 
 
+def _split_texts(
+    cfg: LMExperimentConfig, tokenizer: Any, causal: bool
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The data's texts, shuffled with the seed, tokenised, split into train / held-out."""
+    texts = load_texts(cfg.data)
+    random.Random(cfg.seed).shuffle(texts)
+    if cfg.data.max_examples is not None:
+        texts = texts[: cfg.data.max_examples]
+    ids = _tokenize(texts, tokenizer, cfg.data, causal)
+    n_eval = max(1, round(len(ids) * cfg.data.eval_fraction))
+    if len(ids) - n_eval < 1:
+        raise ConfigError(
+            f"data: only {len(ids)} texts have >= {cfg.data.min_tokens} tokens; need at least 2"
+        )
+    return ids[n_eval:], ids[:n_eval]
+
+
+def _generated(cfg: LMExperimentConfig, tokenizer: Any) -> GeneratedData:
+    """The examples of ``data.generated_file`` (its top-k when ``distill.alpha`` > 0)."""
+    data = cfg.data
+    assert data.generated_file is not None
+    return load_generated(
+        data.generated_file,
+        tokenizer,
+        use_topk=cfg.distill.alpha > 0,  # generated_topk vs alpha: checked by the config
+        max_length=data.max_length,
+        eval_fraction=data.eval_fraction,
+        seed=cfg.seed,
+        max_prompts=data.max_examples,
+    )
+
+
 def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") -> LMRun:
     """Tokenise the data, build the models and the objective; nothing is trained yet."""
     device = torch.device(device)
@@ -647,17 +804,13 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
     if cfg.teacher is not None and cfg.teacher.pretrained is not None:
         pretrained = _load_pretrained(cfg.teacher.pretrained, "teacher")
     tokenizer = _load_tokenizer(cfg, None if pretrained is None else pretrained[1])
-    texts = load_texts(cfg.data)
-    random.Random(cfg.seed).shuffle(texts)
-    if cfg.data.max_examples is not None:
-        texts = texts[: cfg.data.max_examples]
-    ids = _tokenize(texts, tokenizer, cfg.data, causal)
-    n_eval = max(1, round(len(ids) * cfg.data.eval_fraction))
-    if len(ids) - n_eval < 1:
-        raise ConfigError(
-            f"data: only {len(ids)} texts have >= {cfg.data.min_tokens} tokens; need at least 2"
-        )
-    train_ids, eval_ids = ids[n_eval:], ids[:n_eval]
+    generated = None
+    if cfg.data.generated_file is not None:  # prompts + a served teacher's completions
+        generated = _generated(cfg, tokenizer)
+        train_ids = [x["input_ids"] for x in generated.train]
+        eval_ids = [x["input_ids"] for x in generated.eval]
+    else:
+        train_ids, eval_ids = _split_texts(cfg, tokenizer, causal)
 
     torch.manual_seed(cfg.seed)  # random models depend only on the seed
     teacher: nn.Module | None = None
@@ -668,7 +821,7 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
     student = _build_model(cfg.student, "student", causal, tokenizer, teacher)
     student.to(device)
 
-    setup = LMSetup(cfg, tokenizer, teacher, student, train_ids, eval_ids, device)
+    setup = LMSetup(cfg, tokenizer, teacher, student, train_ids, eval_ids, device, generated)
     objective = OBJECTIVES[d.objective](setup)
     if world > 1:
         _for_several_processes(objective)
