@@ -25,6 +25,18 @@ Objectives (``distill.objective``):
   ``temperature``, ``restrict_to_masked``, ``mlm_probability``); for BERT-like models
   with an MLM head.
 
+Tokenizers: ``data.tokenizer`` is the student's; ``teacher.tokenizer`` the teacher's (default
+the shipped teacher's own, else its ``path`` when the folder holds a tokenizer, else the
+student's). When they differ (another vocabulary), ``token_kd`` needs
+``distill.cross_tokenizer``: ``uld`` (Universal Logit Distillation, Boizard et al. 2024) or
+``hybrid`` (the ``divergence`` on the tokens both vocabularies spell alike, ULD on the rest,
+weighted ``matched_weight`` / ``unmatched_weight``, default GOLD's ``|M| / V_t``), compared
+where both models have read the same bytes (:mod:`kdistill.lm.alignment`); the teacher
+reads its own tokens of each text (``data.teacher_max_length``; one process only). Without
+the key a tokenizer mismatch is an error naming both tokenizers. Every run reports held-out
+bits per byte next to perplexity (:mod:`kdistill.lm.bpb`), the figure that compares models
+across tokenizers.
+
 Teacher-output cache (``token_kd`` only): with ``distill.cache_dir`` the teacher runs once
 over the training texts and its ``cache_topk`` largest log-probabilities per token (plus the
 log of the mass on every other id) are written there in ``cache_dtype``
@@ -75,8 +87,10 @@ from kdistill.config import (
     _check_non_negative,
     _check_optional_positive,
     _check_positive,
+    apply_overrides,
     read_config_file,
 )
+from kdistill.lm.lora import ALL_LINEAR, LoRAConfig
 from kdistill.serve.config import TeacherEndpointConfig
 
 __all__ = [
@@ -88,12 +102,29 @@ __all__ = [
     "LMTrainConfig",
     "SeqKDConfig",
     "ServedTeacherConfig",
+    "StudentLoRAConfig",
     "lm_config_from_dict",
     "load_lm_config",
+    "resolve_config_paths",
 ]
 
 CORPORA = ("pydoc_topics", "kjv", "wordnet", "fortunes")
 """Built-in text sources (:mod:`kdistill.data.text`) for ``data.corpus``."""
+
+
+@dataclass
+class StudentLoRAConfig(LoRAConfig):
+    """``student.lora`` (:class:`kdistill.lm.lora.LoRAConfig`): rank ``r``, scale ``alpha``
+    (the update is ``(alpha / r) B A``), ``dropout`` and ``target_modules`` — a list of layer
+    names (``[q_proj, v_proj]``) or ``all-linear`` (the default)."""
+
+    target_modules: Any = ALL_LINEAR  # a list of names or "all-linear" (LoRAConfig checks it)
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ConfigError as err:  # its messages name "student.lora.<key>"; so will _build
+            raise ConfigError(str(err).removeprefix("student.lora.")) from None
 
 
 @dataclass
@@ -111,6 +142,11 @@ class LMModelConfig:
     tokenizer's. With ``init_from_teacher: true`` the student is the teacher's class and
     width with ``num_layers`` of its layers (``layer_map``, default every other layer),
     copied DistilBERT-style (:func:`kdistill.lm.student_init.init_student_from_teacher`).
+
+    Student only: ``lora: {r, alpha, dropout, target_modules}`` trains LoRA adapters on the
+    built student, its own weights frozen (:func:`kdistill.lm.lora.apply_lora`; saved merged
+    and as an adapter); ``gradient_checkpointing: true`` recomputes each block's activations
+    in the backward pass instead of storing them (less memory, ≈ one more forward).
     """
 
     path: str | None = None
@@ -120,6 +156,12 @@ class LMModelConfig:
     init_from_teacher: bool = False
     num_layers: int | None = None
     layer_map: list[int] | None = None
+    # teacher only: its own tokenizer (a folder or "byte"); null: the pretrained teacher's,
+    # else its path's (when the folder holds one), else the student's (data.tokenizer)
+    tokenizer: str | None = None
+    # student only: LoRA adapters (peft) on the built student; activation recomputation
+    lora: StudentLoRAConfig | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         sources = [
@@ -155,17 +197,32 @@ class LMDataConfig:
     """Where the text comes from, how it is tokenised and batched.
 
     One of ``text_file`` (UTF-8; one example per non-empty line, or per blank-line
-    separated paragraph with ``split: paragraphs``), ``corpus`` (a built-in source,
-    :data:`CORPORA`) or ``generated_file`` (a ``kdistill generate`` JSONL: prompts and a
+    separated paragraph with ``split: paragraphs``), ``file`` (records: see below),
+    ``corpus`` (a built-in source, :data:`CORPORA`) or ``generated_file`` (a ``kdistill generate`` JSONL: prompts and a
     served teacher's completions, for ``objective: seqkd``; ``generated_topk`` says whether
     its top-k log-probabilities feed the KD term — see the module docstring). ``tokenizer``: ``byte`` (UTF-8 bytes, 260 ids, nothing to
     download) or a tokenizer folder; default the teacher's ``path`` if it has one, else
     ``byte``. Texts are tokenised, truncated to ``max_length`` tokens, shuffled with the
     run's seed and split into ``1 − eval_fraction`` / ``eval_fraction``.
-    ``prompt_tokens``: the prompt length for ``seqkd`` / ``gkd``.
+    ``prompt_tokens``: the prompt length for ``seqkd`` / ``gkd`` (prompt + completion
+    records use their own prompt).
+
+    ``file`` (:mod:`kdistill.lm.data`): a file or folder of records, ``format`` ``auto`` (by
+    extension) | ``text`` | ``jsonl`` | ``json`` | ``csv`` | ``parquet`` | ``hf_disk``
+    (``datasets.save_to_disk``; ``hf_split`` picks a split of a ``DatasetDict``), of one
+    ``shape``: ``text`` (every token a target), ``prompt_completion`` (loss on the completion
+    only) or ``messages`` (chat rendered with the tokenizer's chat template; loss on
+    assistant tokens only, found by ``chat_mask``: ``generation`` markers in the template,
+    ``incremental`` rendering, or ``auto``). Relative paths in a config file are relative to
+    the file's folder (:func:`load_lm_config`).
     """
 
     text_file: str | None = None
+    file: str | None = None  # records: JSONL / JSON / CSV / Parquet / save_to_disk / text
+    format: Literal["auto", "text", "jsonl", "json", "csv", "parquet", "hf_disk"] = "auto"
+    shape: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    hf_split: str | None = None  # format hf_disk: the split of a DatasetDict folder
+    chat_mask: Literal["auto", "generation", "incremental"] = "auto"  # shape messages
     corpus: Literal["pydoc_topics", "kjv", "wordnet", "fortunes"] | None = None
     generated_file: str | None = None  # a kdistill generate file (objective: seqkd)
     generated_topk: Literal["auto", True, False] = "auto"  # use the file's top-k logprobs
@@ -173,6 +230,9 @@ class LMDataConfig:
     split: Literal["lines", "paragraphs"] = "lines"
     tokenizer: str | None = None
     max_length: int = 64
+    # distill.cross_tokenizer: teacher tokens kept per text; null: those within the bytes
+    # the student's max_length tokens cover (nothing the alignment can use is cut)
+    teacher_max_length: int | None = None
     min_tokens: int = 4  # shorter texts are dropped
     max_examples: int | None = None
     eval_fraction: float = 0.1
@@ -183,15 +243,17 @@ class LMDataConfig:
     def __post_init__(self) -> None:
         sources = [
             name
-            for name in ("text_file", "corpus", "generated_file")
+            for name in ("text_file", "file", "corpus", "generated_file")
             if getattr(self, name) is not None
         ]
         if len(sources) != 1:
             raise ConfigError(
                 f"{(sources or ['text_file'])[0]}: give exactly one of text_file (a UTF-8 "
-                f"file), corpus ({', '.join(CORPORA)}) or generated_file (a kdistill generate "
-                f"file); got {', '.join(sources) or 'none'}"
+                f"file), file (JSONL / JSON / CSV / Parquet records), corpus "
+                f"({', '.join(CORPORA)}) or generated_file (a kdistill generate file); got "
+                f"{', '.join(sources) or 'none'}"
             )
+        self._check_file_keys()
         if self.generated_topk != "auto" and self.generated_file is None:
             raise ConfigError(
                 "generated_topk: applies to generated_file only; remove it or give a generated_file"
@@ -201,8 +263,34 @@ class LMDataConfig:
         _check_non_negative(self, "min_tokens")
         if self.max_length < 2:
             raise ConfigError(f"max_length: must be >= 2, got {self.max_length}")
+        if self.teacher_max_length is not None and self.teacher_max_length < 2:
+            raise ConfigError(
+                f"teacher_max_length: must be >= 2 or null, got {self.teacher_max_length}"
+            )
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+
+    def _check_file_keys(self) -> None:
+        """``format`` / ``shape`` / ``hf_split`` / ``chat_mask`` describe ``file`` only."""
+        if self.file is not None:
+            return
+        changed = [
+            key
+            for key, default in (
+                ("format", "auto"),
+                ("shape", "auto"),
+                ("hf_split", None),
+                ("chat_mask", "auto"),
+            )
+            if getattr(self, key) != default
+        ]
+        if changed:
+            hint = (
+                "rename text_file to file (text_file is always plain text)"
+                if self.text_file is not None
+                else "give the records as file"
+            )
+            raise ConfigError(f"{changed[0]}: applies to data.file only; {hint}")
 
 
 @dataclass
@@ -286,6 +374,10 @@ class LMDistillConfig:
     cache_rebuild: bool = False  # rebuild the cache_dir cache even if one is there
     # token_kd: fill cache_dir by asking a served teacher instead of running a local one
     teacher: ServedTeacherConfig | None = None
+    # token_kd with a teacher whose tokenizer is not the student's (lm.uld): uld or hybrid
+    cross_tokenizer: Literal["uld", "hybrid"] | None = None
+    matched_weight: float | None = None  # hybrid: w_M and w_U; null: |M| / V_t and 1 − that
+    unmatched_weight: float | None = None
 
     @property
     def resolved_temperature(self) -> float:
@@ -327,6 +419,7 @@ class LMDistillConfig:
                 "teacher: a served teacher's scores are kept in the on-disk top-k cache; add "
                 "distill.cache_dir (a folder)"
             )
+        self._check_cross_tokenizer()
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"mlm_probability: must be in (0, 1), got {self.mlm_probability}")
         unknown = sorted(set(self.weights) - {"kd", "mlm", "cos"})
@@ -335,6 +428,42 @@ class LMDistillConfig:
         for key, value in self.weights.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"weights.{key}: must be a number >= 0, got {value!r}")
+
+    def _check_cross_tokenizer(self) -> None:
+        """``cross_tokenizer`` and the hybrid weights (see :mod:`kdistill.lm.uld`)."""
+        weights = (self.matched_weight, self.unmatched_weight)
+        if any(w is not None for w in weights) and self.cross_tokenizer != "hybrid":
+            raise ConfigError(
+                "matched_weight: matched_weight / unmatched_weight weigh the two parts of "
+                "cross_tokenizer: hybrid; set cross_tokenizer: hybrid or remove them"
+            )
+        if (weights[0] is None) != (weights[1] is None):
+            raise ConfigError(
+                "matched_weight: give both matched_weight and unmatched_weight, or neither "
+                "(GOLD's adaptive |M| / V_t and 1 − |M| / V_t)"
+            )
+        for key in ("matched_weight", "unmatched_weight"):
+            value = getattr(self, key)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{key}: must be a number >= 0, got {value!r}")
+        if self.cross_tokenizer is None:
+            return
+        if self.objective != "token_kd":
+            raise ConfigError(
+                f"cross_tokenizer: teacher and student tokenizers can differ for objective "
+                f"token_kd only, not {self.objective}; use objective: token_kd or remove "
+                "cross_tokenizer (and give both models one tokenizer)"
+            )
+        if self.teacher is not None:
+            raise ConfigError(
+                "cross_tokenizer: a served teacher (distill.teacher) scores the student's own "
+                "tokens; cross-tokenizer KD needs a local teacher model (a teacher section)"
+            )
+        if self.cache_dir is not None:
+            raise ConfigError(
+                "cross_tokenizer: the on-disk top-k cache (cache_dir) is not read by the "
+                "cross-tokenizer losses yet; remove cache_dir (the teacher runs live)"
+            )
 
 
 @dataclass
@@ -402,6 +531,16 @@ class LMExperimentConfig:
             raise ConfigError(
                 "teacher.init_from_teacher: only the student can be built from the teacher"
             )
+        if self.student.tokenizer is not None:
+            raise ConfigError(
+                "student.tokenizer: the student's tokenizer is data.tokenizer; move it there"
+            )
+        self._check_student_training()
+        if self.data.teacher_max_length is not None and self.distill.cross_tokenizer is None:
+            raise ConfigError(
+                "data.teacher_max_length: applies to a teacher with its own tokenizer "
+                "(distill.cross_tokenizer: uld or hybrid); remove it"
+            )
         # Random models only (a path's architecture is checked when it is loaded).
         archs = {m.arch for m in (self.teacher, self.student) if m is not None and m.config}
         if objective == "distilbert" and "llama" in archs:
@@ -410,6 +549,32 @@ class LMExperimentConfig:
             raise ConfigError(
                 f"distill.objective: {objective} needs causal LMs (arch: llama); "
                 "use objective: distilbert for arch: bert"
+            )
+
+    def _check_student_training(self) -> None:
+        """LoRA / gradient checkpointing (student only) and record shapes per objective."""
+        teacher = self.teacher
+        if teacher is not None and (teacher.lora is not None or teacher.gradient_checkpointing):
+            key = "lora" if teacher.lora is not None else "gradient_checkpointing"
+            raise ConfigError(
+                f"teacher.{key}: the teacher is frozen; LoRA and gradient checkpointing are "
+                f"student settings (student.{key})"
+            )
+        if self.student.lora is not None and self.train.parallel == "fsdp":
+            raise ConfigError(
+                "student.lora: a LoRA student is not supported with train.parallel: fsdp; use "
+                "parallel: ddp (the adapters are small) or remove student.lora"
+            )
+        objective, shape = self.distill.objective, self.data.shape
+        if objective in ("seqkd", "gkd") and shape == "messages":
+            raise ConfigError(
+                f"data.shape: objective {objective} continues one prompt per record; chat "
+                "messages records are not supported yet: use prompt_completion records or "
+                "objective: token_kd"
+            )
+        if objective == "distilbert" and shape not in ("auto", "text"):
+            raise ConfigError(
+                f"data.shape: distilbert (masked LM) trains on text records, not {shape}"
             )
 
     def _check_served_sources(self, served: bool, from_file: bool) -> None:
@@ -450,8 +615,44 @@ def lm_config_from_dict(data: dict[str, Any]) -> LMExperimentConfig:
     return _build(LMExperimentConfig, data, "")
 
 
+PATH_KEYS = (
+    ("data", "text_file"),
+    ("data", "file"),
+    ("data", "generated_file"),
+    ("data", "root"),
+    ("data", "tokenizer"),
+    ("teacher", "path"),
+    ("teacher", "tokenizer"),
+    ("student", "path"),
+)
+"""Keys whose relative paths :func:`load_lm_config` reads against the config file's folder
+(a tokenizer named ``byte`` is not a path). ``output_dir`` and ``distill.cache_dir``, where
+the run writes, stay relative to the working directory."""
+
+
+def resolve_config_paths(data: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """A copy of a config's plain data with the relative :data:`PATH_KEYS` joined to
+    ``folder`` (``~`` expanded); absolute paths, ``byte`` and non-strings are kept."""
+    folder = Path(folder).expanduser().absolute()
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    for section, key in PATH_KEYS:
+        node = out.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or (key == "tokenizer" and value == "byte"):
+            continue
+        path = Path(value).expanduser()
+        node[key] = str(path if path.is_absolute() else folder / path)  # type: ignore[index]
+    return out
+
+
 def load_lm_config(
     path: str | Path, overrides: list[str] | tuple[str, ...] = ()
 ) -> LMExperimentConfig:
-    """Read a YAML file, apply ``key.sub=value`` overrides (``--set``) and validate."""
-    return lm_config_from_dict(read_config_file(path, overrides))
+    """Read a YAML file, apply ``key.sub=value`` overrides (``--set``) and validate.
+
+    Relative paths written in the file (:data:`PATH_KEYS`: data files, model and tokenizer
+    folders) are relative to the file's folder, so a config and its data move together;
+    paths given in ``overrides`` (the command line) are relative to the working directory.
+    """
+    data = resolve_config_paths(read_config_file(path), Path(path).parent)
+    return lm_config_from_dict(apply_overrides(data, overrides))

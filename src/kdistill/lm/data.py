@@ -787,10 +787,12 @@ class TokenizedRecords:
     ``stats``: ``records``, ``examples``, ``truncated`` (cut to ``max_length``),
     ``dropped_short`` (< ``min_tokens`` ids), ``dropped_no_target`` (no target token left
     after truncation, e.g. a prompt longer than ``max_length``), ``target_tokens``.
+    ``indices``: the record each example came from (its index in ``data.records``).
     """
 
     examples: list[dict[str, Any]]
     stats: dict[str, int]
+    indices: list[int] = field(default_factory=list)
 
 
 def _targets(example: Mapping[str, Any]) -> int:
@@ -825,7 +827,7 @@ def tokenize_records(
         ("records", "examples", "truncated", "dropped_short", "dropped_no_target"), 0
     )
     stats["target_tokens"] = 0
-    examples = []
+    examples, indices = [], []
     for i, record in enumerate(data.records):
         try:
             example = tokenize_record(record, tokenizer, causal=causal, chat_mask=chat_mask)
@@ -847,10 +849,11 @@ def tokenize_records(
             continue
         stats["target_tokens"] += targets
         examples.append(example)
+        indices.append(i)
     stats["examples"] = len(examples)
     if not examples:
         raise ConfigError(
             f"data.file: no usable example in {data.fingerprint.path} ({stats}); raise "
             "data.max_length or lower data.min_tokens"
         )
-    return TokenizedRecords(examples, stats)
+    return TokenizedRecords(examples, stats, indices)

@@ -33,6 +33,8 @@ Python::
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -59,6 +61,7 @@ from kdistill.cache import (
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import ConfigError
 from kdistill.distiller import IGNORE_INDEX, Distiller, LossTerm
+from kdistill.lm.alignment import tokenizer_identity
 from kdistill.lm.batches import (
     ByteTokenizer,
     CausalLMCollator,
@@ -66,7 +69,10 @@ from kdistill.lm.batches import (
     evaluate_lm,
     pad_right,
 )
+from kdistill.lm.bpb import evaluate_bits_per_byte
 from kdistill.lm.config import LMDataConfig, LMExperimentConfig, LMModelConfig, ServedTeacherConfig
+from kdistill.lm.cross_tokenizer import CrossTokenizerCollator, VocabMap, vocab_map
+from kdistill.lm.data import DataFingerprint, LMRecords, load_records, tokenize_records
 from kdistill.lm.distilbert import (
     DISTILBERT_WEIGHTS,
     MLMCollator,
@@ -80,9 +86,19 @@ from kdistill.lm.generated import (
     load_generated,
     token_map_for,
 )
+from kdistill.lm.lora import (
+    SavedStudent,
+    apply_lora,
+    enable_gradient_checkpointing,
+    is_lora,
+    peft_layer_name,
+    save_student,
+    trainable_parameter_count,
+)
 from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss
 from kdistill.lm.seqkd import GenerationSettings, OnPolicyLoader, build_seqkd_examples
 from kdistill.lm.topk import TOPK, TopKTokenKDLoss, pack_topk
+from kdistill.lm.uld import HybridULDLoss, ULDLoss
 from kdistill.models import count_parameters
 from kdistill.runtime import build_trainer, start_run
 from kdistill.trainer import TEACHER_PREFIX, FitResult
@@ -92,9 +108,13 @@ __all__ = [
     "LMResult",
     "LMRun",
     "RankShareLoader",
+    "Tokenizers",
     "build_lm_run",
+    "load_data_records",
     "load_texts",
     "run_lm",
+    "same_tokenizer",
+    "tokenizer_label",
 ]
 
 
@@ -102,17 +122,18 @@ __all__ = [
 
 
 def load_texts(cfg: LMDataConfig) -> list[str]:
-    """The raw texts of ``data``: a file's lines / paragraphs, or a built-in corpus."""
+    """The raw texts of ``data``: a text file's lines / paragraphs
+    (:func:`kdistill.lm.data.read_text_file`: UTF-8 checked, JSON-looking lines refused), the
+    ``text`` records of ``data.file``, or a built-in corpus."""
     if cfg.text_file is not None:
-        path = Path(cfg.text_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"data.text_file: {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if cfg.split == "paragraphs":
-            parts = [" ".join(p.split()) for p in text.split("\n\n")]
-        else:
-            parts = [line.strip() for line in text.splitlines()]
-        return [p for p in parts if p]
+        return _read_text_file(cfg)
+    if cfg.file is not None:
+        records = load_data_records(cfg)
+        if records.shape != "text":
+            raise ConfigError(
+                f"data.file: {records.fingerprint.path} holds {records.shape} records, not text"
+            )
+        return [r["text"] for r in records.records]
     from kdistill.data import text as corpora
 
     if cfg.corpus == "pydoc_topics":
@@ -124,6 +145,58 @@ def load_texts(cfg: LMDataConfig) -> list[str]:
     if cfg.corpus == "fortunes":
         return corpora.load_fortunes(cfg.root).texts
     raise ConfigError(f"data.corpus: unknown corpus {cfg.corpus!r}")  # pragma: no cover
+
+
+def _text_file_records(cfg: LMDataConfig) -> LMRecords:
+    """``data.text_file`` as ``text`` records; errors name ``data.text_file`` and, for a file
+    of JSON records, say to give it as ``data.file`` (where ``data.format`` applies)."""
+    assert cfg.text_file is not None
+    path = Path(cfg.text_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.text_file: {path} does not exist (or is not a file)")
+    try:
+        return load_records(path, "text", "text", split=cfg.split)
+    except ConfigError as err:
+        message = str(err).removeprefix("data.file: ")
+        if "data.format" in message:
+            message += "; data.format applies to data.file: rename data.text_file to data.file"
+        raise ConfigError(f"data.text_file: {message}") from None
+
+
+def _read_text_file(cfg: LMDataConfig) -> list[str]:
+    return [record["text"] for record in _text_file_records(cfg).records]
+
+
+def _corpus_records(cfg: LMDataConfig) -> LMRecords:
+    """A built-in corpus as ``text`` records; its fingerprint hashes the texts joined by
+    newlines (``path``: ``corpus:<name>``)."""
+    texts = load_texts(cfg)
+    joined = "\n".join(texts).encode("utf-8")
+    fingerprint = DataFingerprint(
+        path=f"corpus:{cfg.corpus}",
+        format="corpus",
+        shape="text",
+        records=len(texts),
+        bytes=len(joined),
+        sha256=hashlib.sha256(joined).hexdigest(),
+        hashed_bytes=len(joined),
+    )
+
+    def locate(i: int) -> str:
+        return f"corpus {cfg.corpus}, text {i + 1}"
+
+    return LMRecords([{"text": t} for t in texts], "text", fingerprint, [(locate, 0, len(texts))])
+
+
+def load_data_records(cfg: LMDataConfig) -> LMRecords:
+    """The records of ``data`` with the fingerprint of what was read
+    (:func:`kdistill.lm.data.load_records`): ``data.file`` (its ``format`` and ``shape``),
+    ``data.text_file`` (``text`` records) or a built-in ``corpus``."""
+    if cfg.file is not None:
+        return load_records(cfg.file, cfg.format, cfg.shape, split=cfg.split, hf_split=cfg.hf_split)
+    if cfg.text_file is not None:
+        return _text_file_records(cfg)
+    return _corpus_records(cfg)
 
 
 def _transformers() -> Any:
@@ -138,39 +211,113 @@ def _transformers() -> Any:
     return transformers
 
 
-def _load_tokenizer(cfg: LMExperimentConfig, pretrained_tokenizer: Any = None) -> Any:
-    name = cfg.data.tokenizer
-    if name is None and pretrained_tokenizer is not None:
-        tokenizer = pretrained_tokenizer  # the pre-trained teacher's own
-    else:
-        if name is None:
-            paths = [m.path for m in (cfg.teacher, cfg.student) if m is not None and m.path]
-            name = paths[0] if paths else "byte"
-        if name == "byte":
-            return ByteTokenizer()
-        tokenizer = _transformers().AutoTokenizer.from_pretrained(name)
+def _padded(tokenizer: Any) -> Any:
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers have none: pad with EOS
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _tokenizer_from(name: str) -> Any:
+    if name == "byte":
+        return ByteTokenizer()
+    return _padded(_transformers().AutoTokenizer.from_pretrained(name))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _teacher_tokenizer_name(cfg: LMExperimentConfig) -> tuple[str, str] | None:
+    """``(name, key)`` of the teacher's own tokenizer: ``teacher.tokenizer``, else its
+    ``path`` when that folder holds a tokenizer (or when ``data.tokenizer`` is unset)."""
+    teacher = cfg.teacher
+    if teacher is None:
+        return None
+    if teacher.tokenizer is not None:
+        return teacher.tokenizer, "teacher.tokenizer"
+    if teacher.path is not None:
+        folder = Path(teacher.path).expanduser()
+        held = not folder.is_dir() or any((folder / f).is_file() for f in _TOKENIZER_FILES)
+        if held or cfg.data.tokenizer is None:
+            return teacher.path, "teacher.path"
+    return None
+
+
+@dataclass(frozen=True)
+class Tokenizers:
+    """The student's tokenizer and the teacher's (the same object when one serves both),
+    each with the config key it came from (for error messages)."""
+
+    student: Any
+    teacher: Any
+    student_source: str
+    teacher_source: str
+
+    @property
+    def shared(self) -> bool:
+        return self.student is self.teacher
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Two tokenizers cut text alike: both the byte tokenizer, or the same vocabulary
+    (token → id, added tokens included)."""
+    if a is b:
+        return True
+    if isinstance(a, ByteTokenizer) or isinstance(b, ByteTokenizer):
+        return isinstance(a, ByteTokenizer) and isinstance(b, ByteTokenizer)
+    return bool(a.get_vocab() == b.get_vocab())
+
+
+def tokenizer_label(tokenizer: Any) -> str:
+    """How errors and summaries name a tokenizer: ``byte`` or its path, and its size."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return f"byte ({tokenizer.vocab_size} ids)"
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return f"{name} ({type(tokenizer).__name__}, {len(tokenizer)} ids)"
+
+
+def _load_tokenizers(cfg: LMExperimentConfig, pretrained_tokenizer: Any = None) -> Tokenizers:
+    """The student's tokenizer (``data.tokenizer``, default the teacher's) and the teacher's
+    (``teacher.tokenizer``, the shipped teacher's own, its ``path``; default the student's)."""
+    teacher, t_source = None, "data.tokenizer"
+    named = _teacher_tokenizer_name(cfg)
+    if named is not None:
+        teacher, t_source = _tokenizer_from(named[0]), named[1]
+    elif pretrained_tokenizer is not None:
+        teacher, t_source = _padded(pretrained_tokenizer), "teacher.pretrained"
+    if cfg.data.tokenizer is not None:
+        student, s_source = _tokenizer_from(cfg.data.tokenizer), "data.tokenizer"
+    elif teacher is not None:
+        student, s_source = teacher, t_source
+    else:
+        path = cfg.student.path
+        student, s_source = _tokenizer_from(path or "byte"), "student.path" if path else "byte"
+    if teacher is None or same_tokenizer(student, teacher):
+        teacher = student
+    return Tokenizers(student, teacher, s_source, t_source)
+
+
+def _check_tokenizers(cfg: LMExperimentConfig, tokenizers: Tokenizers) -> None:
+    """Different tokenizers need ``distill.cross_tokenizer``; the error names both."""
+    if cfg.teacher is None or tokenizers.shared or cfg.distill.cross_tokenizer is not None:
+        return
+    raise ConfigError(
+        f"distill.cross_tokenizer: the teacher's tokenizer "
+        f"({tokenizers.teacher_source}: {tokenizer_label(tokenizers.teacher)}) is not the "
+        f"student's ({tokenizers.student_source}: {tokenizer_label(tokenizers.student)}); set "
+        "distill.cross_tokenizer: uld or hybrid (objective token_kd) to distil across "
+        "tokenizers, or give both models one tokenizer (data.tokenizer / teacher.tokenizer)"
+    )
 
 
 def _vocab_size(tokenizer: Any) -> int:
     return tokenizer.vocab_size if isinstance(tokenizer, ByteTokenizer) else len(tokenizer)
 
 
-def _tokenize(
-    texts: Sequence[str], tokenizer: Any, cfg: LMDataConfig, causal: bool
-) -> list[list[int]]:
-    eos = tokenizer.eos_token_id
-    out = []
-    for text in texts:
-        ids = list(tokenizer.encode(text))
-        if causal and eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)  # the student learns where a text ends
-        ids = ids[: cfg.max_length]
-        if len(ids) >= max(cfg.min_tokens, 2):
-            out.append(ids)
-    return out
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of token ids, special tokens left out (held-out texts of a generated file)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.decode(ids)
+    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
 # --------------------------------------------------------------------------- models
@@ -226,24 +373,43 @@ def _build_model(
 
 
 def _save_pretrained(
-    model: nn.Module, tokenizer: Any, folder: Path, state_dict: dict[str, Tensor] | None = None
-) -> None:
+    model: nn.Module,
+    tokenizer: Any,
+    folder: Path,
+    state_dict: dict[str, Tensor] | None = None,
+    weights_path: Path | None = None,
+) -> SavedStudent | None:
     """``save_pretrained`` of the model (and an HF tokenizer) without a progress bar.
 
     ``state_dict``: the weights to write instead of the model's own (the full tensors of an
-    FSDP-sharded model).
+    FSDP-sharded model). Otherwise :func:`kdistill.lm.lora.save_student`: a LoRA student is
+    written merged, with its adapter in ``folder/adapter`` and its merged weights (Hugging
+    Face key names) in ``weights_path``.
     """
     hf_logging = _transformers().utils.logging
     had_bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        kwargs = {} if state_dict is None else {"state_dict": state_dict}
-        model.save_pretrained(str(folder), **kwargs)  # type: ignore[operator]
+        if state_dict is None:
+            merged_weights = weights_path if is_lora(model) else None  # else the Trainer's
+            return save_student(model, tokenizer, folder, weights_path=merged_weights)
+        model.save_pretrained(str(folder), state_dict=state_dict)  # type: ignore[operator]
         if not isinstance(tokenizer, ByteTokenizer):
             tokenizer.save_pretrained(str(folder))
+        return None
     finally:
         if had_bar:
             hf_logging.enable_progress_bar()
+
+
+def _lora_summary(cfg: LMModelConfig, saved: SavedStudent | None) -> dict[str, Any]:
+    """``student.lora`` and where its adapter was written (nothing for a plain student)."""
+    if cfg.lora is None:
+        return {}
+    out: dict[str, Any] = {"lora": dataclasses.asdict(cfg.lora)}
+    if saved is not None and saved.adapter is not None:
+        out["adapter_folder"] = str(saved.adapter)
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -260,6 +426,9 @@ class LMRun:
     train_loader: Any
     eval_loader: ExampleLoader
     info: dict[str, Any] = field(default_factory=dict)
+    teacher_tokenizer: Any = None  # the teacher's own (None: ``tokenizer``)
+    teacher_eval_loader: ExampleLoader | None = None  # its tokens of the held-out texts
+    eval_texts: list[str] = field(default_factory=list)  # held-out texts (bits per byte)
 
 
 @dataclass
@@ -280,18 +449,24 @@ def _seqkd_examples(
     cfg: LMExperimentConfig,
     teacher: nn.Module,
     tokenizer: Any,
-    texts: list[list[int]],
+    prompted: list[dict[str, Any]],
     device: torch.device,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The teacher's completions for the prompts, cached in ``seqkd_examples.jsonl``."""
+    """The teacher's completions for the prompts (the first ``prompt_length`` ids of each
+    ``prompted`` example, :meth:`LMSetup.prompted`), cached in ``seqkd_examples.jsonl``."""
     cache = Path(cfg.output_dir) / "seqkd_examples.jsonl"
     settings = _settings(cfg)
-    key = {"settings": settings.__dict__, "prompt_tokens": cfg.data.prompt_tokens, "n": len(texts)}
+    own = any("prompt_tokens" not in x for x in prompted)  # records with their own prompt
+    key = {
+        "settings": settings.__dict__,
+        "prompt_tokens": "record" if own else cfg.data.prompt_tokens,
+        "n": len(prompted),
+    }
     if cache.is_file():
         lines = cache.read_text().splitlines()
         if lines and json.loads(lines[0]) == key:
             return [json.loads(line) for line in lines[1:]], {"cached": True}
-    prompts = [ids[: cfg.data.prompt_tokens] for ids in texts if len(ids) > cfg.data.prompt_tokens]
+    prompts = [x["input_ids"][: x["prompt_length"]] for x in prompted]
     began = time.perf_counter()
     teacher.to(device)
     examples = build_seqkd_examples(
@@ -349,12 +524,15 @@ def _teacher_topk_cache(
     train_ids: list[list[int]],
     pad_token_id: int,
     device: torch.device,
+    tokenizer: Any = None,
 ) -> tuple[TeacherCache, dict[str, Any]]:
     """Open or build the top-k cache ``distill.cache_dir`` of the teacher on the training texts.
 
     The texts are right-padded to the longest one, ``(N, T)`` with an attention mask (a
     causal teacher's logits at real positions do not depend on right padding). Under torchrun
-    rank 0 builds while the others wait, then they open and check it.
+    rank 0 builds while the others wait, then they open and check it. The manifest records
+    the teacher ``tokenizer``'s identity (:func:`~kdistill.lm.alignment.tokenizer_identity`);
+    a cache built with another teacher tokenizer is refused.
     """
     d = cfg.distill
     assert d.cache_dir is not None
@@ -367,6 +545,7 @@ def _teacher_topk_cache(
         "batch_size": cfg.data.eval_batch_size,
         "device": device,
         "values_dtype": getattr(torch, d.cache_dtype),
+        "tokenizer": None if tokenizer is None else tokenizer_identity(tokenizer),
     }
     built = False
     try:
@@ -561,6 +740,12 @@ class LMSetup:
     eval_ids: list[list[int]]
     device: torch.device
     generated: GeneratedData | None = None  # data.generated_file: its examples and top-k
+    teacher_tokenizer: Any = None  # the teacher's own tokenizer (None: ``tokenizer``)
+    train_texts: list[str] = field(default_factory=list)  # the texts of train_ids
+    eval_texts: list[str] = field(default_factory=list)  # the texts of eval_ids
+    # the examples of train_ids / eval_ids with their prompt_length / loss_mask (None: ids)
+    train_examples: list[dict[str, Any]] | None = None
+    eval_examples: list[dict[str, Any]] | None = None
 
     @property
     def pad(self) -> int:
@@ -569,8 +754,31 @@ class LMSetup:
     def causal_collate(self) -> CausalLMCollator:
         return CausalLMCollator(self.pad, self.cfg.data.max_length)
 
+    def train_set(self) -> list[dict[str, Any]]:
+        """The training examples: targets only where the record shape puts them (the
+        completion, the assistant turns; :mod:`kdistill.lm.data`)."""
+        if self.train_examples is not None:
+            return list(self.train_examples)
+        return [{"input_ids": x} for x in self.train_ids]
+
+    def prompted(self) -> list[dict[str, Any]]:
+        """Training examples split into a prompt and its continuation (``seqkd``, ``gkd``):
+        a prompt + completion record's own prompt, else the first ``data.prompt_tokens``
+        ids (marked ``prompt_tokens``); examples with no continuation are left out."""
+        out = []
+        for x in self.train_set():
+            ids = x["input_ids"]
+            if "prompt_length" in x:
+                out.append({"input_ids": ids, "prompt_length": x["prompt_length"]})
+            else:
+                n = self.cfg.data.prompt_tokens
+                out.append({"input_ids": ids, "prompt_length": n, "prompt_tokens": n})
+        return [x for x in out if len(x["input_ids"]) > x["prompt_length"]]
+
     def causal_eval_loader(self) -> ExampleLoader:
-        examples = [{"input_ids": x} for x in self.eval_ids]
+        examples = self.eval_examples
+        if examples is None:
+            examples = [{"input_ids": x} for x in self.eval_ids]
         return ExampleLoader(examples, self.causal_collate(), self.cfg.data.eval_batch_size)
 
     def shuffled(self, examples: list[dict[str, Any]], collate: Any) -> ExampleLoader:
@@ -594,6 +802,7 @@ class LMObjective:
     train_loader: Any
     eval_loader: ExampleLoader
     info: dict[str, Any] = field(default_factory=dict)
+    teacher_eval_loader: ExampleLoader | None = None  # the teacher's own tokens, if not shared
 
 
 def _kd_and_ce(cfg: LMExperimentConfig, kd: LossTerm) -> list[LossTerm]:
@@ -608,8 +817,10 @@ def _kd_and_ce(cfg: LMExperimentConfig, kd: LossTerm) -> list[LossTerm]:
 def _build_token_kd(run: LMSetup) -> LMObjective:
     """Token-level KD (Hinton et al. 2015 per token): every next-token distribution, from
     the live teacher or from its on-disk top-k cache (``distill.cache_dir``)."""
+    if run.cfg.distill.cross_tokenizer is not None:  # a teacher with another tokenizer
+        return _build_cross_tokenizer_kd(run)
     cfg, d = run.cfg, run.cfg.distill
-    examples: list[dict[str, Any]] = [{"input_ids": x} for x in run.train_ids]
+    examples = run.train_set()
     collate: Any = run.causal_collate()
     kd = LossTerm("kd", _token_kd(cfg), weight=d.alpha)
     info: dict[str, Any] = {}
@@ -621,9 +832,9 @@ def _build_token_kd(run: LMSetup) -> LMObjective:
         else:
             assert run.teacher is not None
             cache, info["teacher_cache"] = _teacher_topk_cache(
-                cfg, run.teacher, run.train_ids, run.pad, run.device
+                cfg, run.teacher, run.train_ids, run.pad, run.device, run.tokenizer
             )
-        examples = [{"input_ids": x, "row": i} for i, x in enumerate(run.train_ids)]
+        examples = [{**x, "row": i} for i, x in enumerate(examples)]
         collate = _TopKCollator(collate, cache)
         topk = TopKTokenKDLoss(
             d.divergence, beta=d.beta, skew_alpha=d.skew_alpha, temperature=d.resolved_temperature
@@ -631,6 +842,111 @@ def _build_token_kd(run: LMSetup) -> LMObjective:
         kd = LossTerm("kd", topk, weight=d.alpha, teacher=TOPK)
     loader = run.shuffled(examples, collate)
     return LMObjective(_kd_and_ce(cfg, kd), loader, run.causal_eval_loader(), info)
+
+
+# --------------------------------------------------------------------------- cross-tokenizer
+
+
+def _build_cross_tokenizer_kd(run: LMSetup) -> LMObjective:
+    """Token-level KD from a teacher with another tokenizer (``distill.cross_tokenizer``).
+
+    Both tokenizers cut every raw training text; :class:`CrossTokenizerCollator` aligns the
+    two token sequences by their UTF-8 byte spans and the live teacher reads its own tokens
+    (the batch's ``teacher_inputs``). The KD term compares the next-token distributions
+    where both models have read the same bytes (the batch's ``alignment``): ULD (Boizard et
+    al. 2024), or the hybrid (``divergence`` on the tokens both vocabularies spell alike,
+    ULD on the rest; :mod:`kdistill.lm.uld`). The student's batches are those of plain
+    ``token_kd`` (same ids, labels and EOS), so ``alpha: 0`` is the same CE-only baseline.
+    """
+    cfg, d = run.cfg, run.cfg.distill
+    if distributed.world_size() > 1:
+        raise ConfigError(
+            "distill.cross_tokenizer: cross-tokenizer KD runs in one process (the teacher "
+            "reads its own tokens of every text); run kdistill lm without torchrun"
+        )
+    teacher_tokenizer = run.teacher_tokenizer or run.tokenizer
+    vocab = _cross_vocab(run)
+    collate = CrossTokenizerCollator(
+        run.tokenizer,
+        teacher_tokenizer,
+        max_length=cfg.data.max_length,
+        teacher_max_length=cfg.data.teacher_max_length,
+        append_eos=True,
+        trim_teacher=True,  # the teacher reads only the bytes the student kept
+    )
+    temperature = d.resolved_temperature
+    loss: nn.Module
+    if d.cross_tokenizer == "uld":
+        loss = ULDLoss(temperature, d.chunk_size)
+    else:
+        loss = HybridULDLoss(
+            vocab,
+            d.divergence,
+            beta=d.beta,
+            skew_alpha=d.skew_alpha,
+            temperature=temperature,
+            matched_weight=d.matched_weight,
+            unmatched_weight=d.unmatched_weight,
+            chunk_size=d.chunk_size,
+        )
+    kd = LossTerm("kd", loss, weight=d.alpha)
+    loader = run.shuffled([{"text": t} for t in run.train_texts], collate)
+    info = {
+        "cross_tokenizer": {
+            "loss": d.cross_tokenizer,
+            "student_tokenizer": tokenizer_label(run.tokenizer),
+            "teacher_tokenizer": tokenizer_label(teacher_tokenizer),
+            "matched_tokens": vocab.size,
+        }
+    }
+    teacher_eval = None if teacher_tokenizer is run.tokenizer else _teacher_eval_loader(run)
+    return LMObjective(_kd_and_ce(cfg, kd), loader, run.causal_eval_loader(), info, teacher_eval)
+
+
+def _logits_size(model: nn.Module | None, tokenizer: Any, key: str) -> int:
+    """Rows of ``model``'s output layer, checked to cover every id of its ``tokenizer``."""
+    size = _vocab_size(tokenizer)
+    if model is None:
+        return size
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    rows = int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
+    if rows < size:
+        raise ConfigError(
+            f"{key}: the model predicts {rows} ids but its tokenizer "
+            f"({tokenizer_label(tokenizer)}) has {size}; build it for that tokenizer (a "
+            "student initialised from a teacher with another tokenizer cannot read its own)"
+        )
+    return rows
+
+
+def _cross_vocab(run: LMSetup) -> VocabMap:
+    """The tokens both vocabularies spell alike (:func:`vocab_map`, the hybrid's matched
+    set), widened to the models' logits (ids a model pads its output layer with match none)."""
+    teacher_tokenizer = run.teacher_tokenizer or run.tokenizer
+    v_s = _logits_size(run.student, run.tokenizer, "student")
+    v_t = _logits_size(run.teacher, teacher_tokenizer, "teacher")
+    if teacher_tokenizer is run.tokenizer:  # one tokenizer: id v is id v
+        ids = torch.arange(_vocab_size(run.tokenizer))
+        return VocabMap(ids, ids.clone(), v_s, v_t)
+    matched = vocab_map(run.tokenizer, teacher_tokenizer)
+    return VocabMap(matched.student_ids, matched.teacher_ids, v_s, v_t)
+
+
+def _teacher_eval_loader(run: LMSetup) -> ExampleLoader:
+    """The held-out texts in the teacher's own tokens (its per-token figures), cut at
+    ``data.teacher_max_length`` (default ``max_length``) tokens, EOS appended."""
+    tokenizer, data = run.teacher_tokenizer, run.cfg.data
+    length = data.teacher_max_length or data.max_length
+    eos = tokenizer.eos_token_id
+    examples = []
+    for text in run.eval_texts:
+        ids = list(tokenizer.encode(text))
+        if eos is not None and ids[-1:] != [eos]:
+            ids.append(eos)
+        examples.append({"input_ids": ids[:length]})
+    collate = CausalLMCollator(tokenizer.pad_token_id, length)
+    return ExampleLoader(examples, collate, data.eval_batch_size)
 
 
 def _build_seqkd(run: LMSetup) -> LMObjective:
@@ -641,7 +957,7 @@ def _build_seqkd(run: LMSetup) -> LMObjective:
     assert run.teacher is not None
     info: dict[str, Any] = {}
     examples, info["seqkd"] = _seqkd_examples(
-        run.cfg, run.teacher, run.tokenizer, run.train_ids, run.device
+        run.cfg, run.teacher, run.tokenizer, run.prompted(), run.device
     )
     kd = LossTerm("kd", _token_kd(run.cfg), weight=run.cfg.distill.alpha)
     loader = run.shuffled(examples, run.causal_collate())
@@ -671,14 +987,14 @@ def _build_gkd(run: LMSetup) -> LMObjective:
     cfg, teacher = run.cfg, run.teacher
     assert teacher is not None
     info: dict[str, Any] = {}
-    prompt = cfg.data.prompt_tokens
     if cfg.seqkd.teacher_completions:
         examples, info["seqkd"] = _seqkd_examples(
-            cfg, teacher, run.tokenizer, run.train_ids, run.device
+            cfg, teacher, run.tokenizer, run.prompted(), run.device
         )
     else:
         examples = [
-            {"input_ids": x, "prompt_length": prompt} for x in run.train_ids if len(x) > prompt
+            {"input_ids": x["input_ids"], "prompt_length": x["prompt_length"]}
+            for x in run.prompted()
         ]
     loader = OnPolicyLoader(
         examples,
@@ -711,7 +1027,7 @@ def _build_distilbert(run: LMSetup) -> LMObjective:
     )
     weights = {**DISTILBERT_WEIGHTS, **d.weights}
     terms = distilbert_terms(
-        d.student_layer or last_layer_name(run.student),
+        peft_layer_name(run.student, d.student_layer or last_layer_name(run.student)),
         d.teacher_layer or last_layer_name(teacher),
         temperature=d.resolved_temperature,
         weights=weights,
@@ -752,21 +1068,74 @@ def _for_several_processes(objective: LMObjective) -> None:
     objective.train_loader = RankShareLoader(objective.train_loader)
 
 
+TextExample = tuple[str, dict[str, Any]]
+"""A record's text (a ``text`` record's own; else its tokens decoded) and its example
+(``input_ids`` and, for prompt + completion or chat records, ``prompt_length`` /
+``loss_mask``: :func:`kdistill.lm.data.tokenize_record`)."""
+
+
 def _split_texts(
     cfg: LMExperimentConfig, tokenizer: Any, causal: bool
-) -> tuple[list[list[int]], list[list[int]]]:
-    """The data's texts, shuffled with the seed, tokenised, split into train / held-out."""
-    texts = load_texts(cfg.data)
-    random.Random(cfg.seed).shuffle(texts)
+) -> tuple[list[TextExample], list[TextExample], dict[str, Any]]:
+    """The data's records, shuffled with the seed, tokenised (targets per record shape,
+    :mod:`kdistill.lm.data`), split into train / held-out; and the data actually used for
+    ``summary.json`` (the fingerprint of what was read, the tokenisation counts)."""
+    records = load_data_records(cfg.data)
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
     if cfg.data.max_examples is not None:
-        texts = texts[: cfg.data.max_examples]
-    ids = _tokenize(texts, tokenizer, cfg.data, causal)
-    n_eval = max(1, round(len(ids) * cfg.data.eval_fraction))
-    if len(ids) - n_eval < 1:
+        order = order[: cfg.data.max_examples]
+    chosen = LMRecords(
+        [records.records[i] for i in order],
+        records.shape,
+        records.fingerprint,
+        [(lambda j: records.where(order[j]), 0, len(order))],
+    )
+    _check_shape(cfg, chosen.shape)
+    tokenized = tokenize_records(
+        chosen,
+        tokenizer,
+        max_length=cfg.data.max_length,
+        min_tokens=cfg.data.min_tokens,
+        causal=causal,
+        chat_mask=cfg.data.chat_mask,
+    )
+    kept = [
+        (chosen.records[i].get("text") or _decode(tokenizer, x["input_ids"]), x)
+        for i, x in zip(tokenized.indices, tokenized.examples, strict=True)
+    ]
+    n_eval = max(1, round(len(kept) * cfg.data.eval_fraction))
+    if len(kept) - n_eval < 1:
         raise ConfigError(
-            f"data: only {len(ids)} texts have >= {cfg.data.min_tokens} tokens; need at least 2"
+            f"data: only {len(kept)} examples have >= {cfg.data.min_tokens} tokens and a "
+            "target; need at least 2"
         )
-    return ids[n_eval:], ids[:n_eval]
+    stats = dict(tokenized.stats)
+    stats["records_used"] = stats.pop("records")  # after max_examples; "records": in the file
+    info = {
+        **records.fingerprint.to_dict(),
+        **stats,
+        "train_examples": len(kept) - n_eval,
+        "eval_examples": n_eval,
+    }
+    return kept[n_eval:], kept[:n_eval], info
+
+
+def _check_shape(cfg: LMExperimentConfig, shape: str) -> None:
+    """Record shapes an objective cannot train on (a ``data.shape: auto`` file's, found on
+    reading; an explicit ``data.shape`` is checked by the config)."""
+    objective = cfg.distill.objective
+    if objective in ("seqkd", "gkd") and shape == "messages":
+        raise ConfigError(
+            f"data.file: holds chat messages records; objective {objective} continues one "
+            "prompt per record and does not support them yet: use prompt_completion records "
+            "or objective: token_kd"
+        )
+    if cfg.distill.cross_tokenizer is not None and shape != "text":
+        raise ConfigError(
+            f"data.file: holds {shape} records; distill.cross_tokenizer aligns plain texts "
+            "only (no prompt / assistant masks yet): use text records or one tokenizer"
+        )
 
 
 def _generated(cfg: LMExperimentConfig, tokenizer: Any) -> GeneratedData:
@@ -782,6 +1151,16 @@ def _generated(cfg: LMExperimentConfig, tokenizer: Any) -> GeneratedData:
         seed=cfg.seed,
         max_prompts=data.max_examples,
     )
+
+
+def _prepare_student(cfg: LMModelConfig, student: nn.Module) -> nn.Module:
+    """LoRA adapters (``student.lora``, :func:`kdistill.lm.lora.apply_lora`: the student's
+    own weights frozen) and gradient checkpointing (``student.gradient_checkpointing``)."""
+    if cfg.lora is not None:
+        student = apply_lora(student, cfg.lora)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
+    return student
 
 
 def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") -> LMRun:
@@ -803,25 +1182,51 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
     pretrained = None
     if cfg.teacher is not None and cfg.teacher.pretrained is not None:
         pretrained = _load_pretrained(cfg.teacher.pretrained, "teacher")
-    tokenizer = _load_tokenizer(cfg, None if pretrained is None else pretrained[1])
+    tokenizers = _load_tokenizers(cfg, None if pretrained is None else pretrained[1])
+    _check_tokenizers(cfg, tokenizers)
+    tokenizer = tokenizers.student
     generated = None
+    data_info: dict[str, Any] = {}
+    train_examples: list[dict[str, Any]] | None = None
+    eval_examples: list[dict[str, Any]] | None = None
     if cfg.data.generated_file is not None:  # prompts + a served teacher's completions
         generated = _generated(cfg, tokenizer)
         train_ids = [x["input_ids"] for x in generated.train]
         eval_ids = [x["input_ids"] for x in generated.eval]
+        train_texts = [_decode(tokenizer, x) for x in train_ids]
+        eval_texts = [_decode(tokenizer, x) for x in eval_ids]
     else:
-        train_ids, eval_ids = _split_texts(cfg, tokenizer, causal)
+        train, held_out, data_info = _split_texts(cfg, tokenizer, causal)
+        train_texts, train_examples = [t for t, _ in train], [x for _, x in train]
+        eval_texts, eval_examples = [t for t, _ in held_out], [x for _, x in held_out]
+        train_ids = [x["input_ids"] for x in train_examples]
+        eval_ids = [x["input_ids"] for x in eval_examples]
 
     torch.manual_seed(cfg.seed)  # random models depend only on the seed
     teacher: nn.Module | None = None
     if pretrained is not None:
         teacher = pretrained[0]
     elif cfg.teacher is not None:
-        teacher = _build_model(cfg.teacher, "teacher", causal, tokenizer, None)
+        teacher = _build_model(cfg.teacher, "teacher", causal, tokenizers.teacher, None)
     student = _build_model(cfg.student, "student", causal, tokenizer, teacher)
+    student = _prepare_student(cfg.student, student)
     student.to(device)
 
-    setup = LMSetup(cfg, tokenizer, teacher, student, train_ids, eval_ids, device, generated)
+    setup = LMSetup(
+        cfg,
+        tokenizer,
+        teacher,
+        student,
+        train_ids,
+        eval_ids,
+        device,
+        generated,
+        teacher_tokenizer=tokenizers.teacher,
+        train_texts=train_texts,
+        eval_texts=eval_texts,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+    )
     objective = OBJECTIVES[d.objective](setup)
     if world > 1:
         _for_several_processes(objective)
@@ -830,6 +1235,8 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
     live = any(t.uses_teacher and t.teacher != TOPK for t in objective.terms)
     distiller = Distiller(student, objective.terms, teacher=teacher if live else None)
     info = {"train_texts": len(train_ids), "eval_texts": len(eval_ids), **objective.info}
+    if data_info:
+        info["data"] = data_info  # what was read: fingerprint, records, tokenisation counts
     return LMRun(
         teacher,
         student,
@@ -838,6 +1245,9 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
         objective.train_loader,
         objective.eval_loader,
         info,
+        teacher_tokenizer=tokenizers.teacher,
+        teacher_eval_loader=objective.teacher_eval_loader,
+        eval_texts=eval_texts if causal else [],
     )
 
 
@@ -852,11 +1262,41 @@ def _evaluate_sharded(model: nn.Module, loader: Any, device: torch.device) -> di
         return evaluate_lm.__wrapped__(model, loader, device)  # type: ignore[attr-defined]
 
 
+def _bits_per_byte(
+    run: LMRun,
+    model: nn.Module,
+    tokenizer: Any,
+    data: LMDataConfig,
+    device: torch.device,
+    sharded: bool = False,
+) -> dict[str, float]:
+    """``{"bits_per_byte"}`` of ``model`` on the held-out texts
+    (:func:`~kdistill.lm.bpb.evaluate_bits_per_byte`, windows of ``data.max_length`` tokens),
+    the figure comparable across tokenizers; ``{}`` for masked LMs (no next-token model)."""
+    if not run.eval_texts:
+        return {}
+    score: Any = evaluate_bits_per_byte
+    if sharded:  # no inference tensors in FSDP2's buffers (see _evaluate_sharded)
+        score = evaluate_bits_per_byte.__wrapped__  # type: ignore[attr-defined]
+    with torch.no_grad():
+        out = score(
+            model,
+            tokenizer,
+            run.eval_texts,
+            max_length=data.max_length,
+            batch_size=data.eval_batch_size,
+            device=device,
+        )
+    return {"bits_per_byte": out["bits_per_byte"]}
+
+
 def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None = None) -> LMResult:
     """Train the configured student and write the run folder; returns its summary.
 
     ``summary.json`` holds the teacher's and the student's held-out per-token metrics (the
-    student before and after training), parameter counts and timings.
+    student before and after training) with the held-out bits per byte next to them (the
+    teacher's per-token figures on its own tokens when its tokenizer is not the student's),
+    parameter counts and timings.
     """
     device = start_run(cfg.seed, cfg.train).device
     output_dir = Path(cfg.output_dir)
@@ -870,8 +1310,14 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     teacher_metrics = None
     if run.teacher is not None:
         run.teacher.to(device)
-        teacher_metrics = evaluate(run.teacher, run.eval_loader, device)
+        own = run.eval_loader if run.teacher_eval_loader is None else run.teacher_eval_loader
+        teacher_metrics = evaluate(run.teacher, own, device)
+        teacher_tokenizer = run.teacher_tokenizer or run.tokenizer
+        teacher_metrics.update(
+            _bits_per_byte(run, run.teacher, teacher_tokenizer, cfg.data, device)
+        )
     initial = evaluate(run.student, run.eval_loader, device)
+    initial.update(_bits_per_byte(run, run.student, run.tokenizer, cfg.data, device, sharded))
     trainer = build_trainer(
         run.distiller,
         run.train_loader,
@@ -888,10 +1334,14 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
     fit = trainer.fit(resume=resume)
     train_seconds = time.perf_counter() - began
     final = evaluate(run.student, run.eval_loader, device)
+    final.update(_bits_per_byte(run, run.student, run.tokenizer, cfg.data, device, sharded))
     hf_dir = output_dir / "student"
     full = distributed.full_state_dict(run.student) if sharded else None  # every rank gathers
+    saved = None
     if distributed.is_main():
-        _save_pretrained(run.student, run.tokenizer, hf_dir, state_dict=full)
+        saved = _save_pretrained(
+            run.student, run.tokenizer, hf_dir, full, weights_path=fit.student_path
+        )
     summary: dict[str, Any] = {
         "objective": cfg.distill.objective,
         "teacher": None
@@ -901,8 +1351,10 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
             "parameters": count_parameters(run.student),
             "initial": initial,
             "final": final,
+            "trainable_parameters": trainable_parameter_count(run.student),
             "weights": str(fit.student_path),
             "hf_folder": str(hf_dir),
+            **_lora_summary(cfg.student, saved),
         },
         "train_seconds": train_seconds,
         "epochs": cfg.train.epochs,
