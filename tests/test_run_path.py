@@ -89,6 +89,10 @@ ENTRY_POINTS: dict[str, tuple[str, Path | None, list[str]]] = {
 }
 
 
+FROZEN_TEACHER = {"run", "scheme-multi_teacher", "scheme-semi_supervised", "scheme-born_again"}
+"""Entry points with a frozen teacher, where ``distill.cache_dir`` applies."""
+
+
 class Stop(Exception):
     """Raised by the probe right after the first mid-epoch checkpoint is on disk."""
 
@@ -172,6 +176,8 @@ def test_every_entry_point_gets_every_train_option(
     out = tmp_path / "out"
     args = [command, str(config), *[f"--set={o}" for o in [*overrides, *OPTIONS]]]
     args.append(f"--set=output_dir={out}")
+    if entry in FROZEN_TEACHER:  # the on-disk teacher cache applies: it must be used
+        args.append(f"--set=distill.cache_dir={tmp_path / 'cache'}")
 
     with pytest.raises(Stop):
         cli.main(args)
@@ -191,6 +197,8 @@ def test_every_entry_point_gets_every_train_option(
     metrics = [json.loads(line) for f in out.rglob("metrics.jsonl") for line in f.open()]
     assert sum(row["skipped_steps"] for row in metrics) == 1, "the NaN step was not skipped"
     assert all(math.isfinite(row["train_loss"]) for row in metrics)
+    if entry in FROZEN_TEACHER:
+        assert (tmp_path / "cache" / "manifest.json").is_file(), "distill.cache_dir unused"
 
 
 def _has_tensorboard() -> bool:
@@ -212,5 +220,19 @@ def test_vision_code_does_not_import_the_language_model_package() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
-    source = (ROOT / "src" / "kdistill" / "cache.py").read_text()
-    assert "kdistill.lm" not in source.replace("kdistill.lm.topk", "")  # docs may point there
+    import ast
+
+    tree = ast.parse((ROOT / "src" / "kdistill" / "cache.py").read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith(("kdistill.lm", "kdistill.serve"))]
+
+
+def test_a_section_a_scheme_does_not_read_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "dml.yaml"
+    config.write_text((SCHEMES / "dml.yaml").read_text() + "distill: {temperature: 8.0}\n")
+    from kdistill.config import ConfigError
+    from kdistill.schemes.runner import run_scheme_file
+
+    with pytest.raises(ConfigError, match=r"distill: the mutual scheme does not read"):
+        run_scheme_file(config)

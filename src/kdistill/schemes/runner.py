@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from kdistill import distributed
 from kdistill.checkpoint import atomic_write_text, save_weights
-from kdistill.config import ConfigError, ExperimentConfig, ModelConfig
+from kdistill.config import ConfigError, ExperimentConfig, ModelConfig, given_keys
 from kdistill.data.loader import TensorBatchLoader, random_shift_flip
 from kdistill.distiller import Distiller, LossTerm
 from kdistill.experiment import (
@@ -93,12 +93,36 @@ class _Built:
     after: Callable[[FitResult], dict[str, Any]] | None = None
 
 
+# Which of the experiment's ``teacher:`` / ``distill:`` sections each scheme reads; a section
+# the scheme does not read is an error, not silently ignored (its settings live under
+# ``scheme.<name>``).
+_USES_TEACHER = {"online_teacher", "semi_supervised", "born_again"}
+_USES_DISTILL = {"multi_teacher", "semi_supervised", "born_again"}
+
+
+def _refuse_unused_sections(cfg: ExperimentConfig, scheme: SchemeConfig) -> None:
+    given = given_keys(cfg)
+    if "teacher" in given and cfg.teacher is not None and scheme.name not in _USES_TEACHER:
+        where = "scheme.multi_teacher.teachers" if scheme.name == "multi_teacher" else None
+        hint = f"; its teachers are {where}" if where else ""
+        raise ConfigError(
+            f"teacher: the {scheme.name} scheme does not use a teacher: section{hint}; remove it"
+        )
+    if "distill" in given and given_keys(cfg.distill) and scheme.name not in _USES_DISTILL:
+        raise ConfigError(
+            f"distill: the {scheme.name} scheme does not read the distill: section (its "
+            f"settings are under scheme.{scheme.name}); remove "
+            f"distill.{sorted(given_keys(cfg.distill))[0]}"
+        )
+
+
 def run_scheme(
     cfg: ExperimentConfig, scheme: SchemeConfig, resume: bool = False
 ) -> SchemeRunResult:
     """Train ``cfg`` with ``scheme`` and write ``output_dir/summary.json``."""
     if cfg.stages:
         raise ConfigError("stages: schemes run one stage; drop stages: or use kdistill run")
+    _refuse_unused_sections(cfg, scheme)
     if scheme.name == "born_again":
         return _run_born_again(cfg, scheme, resume)
     run = start_run(cfg.seed, cfg.train)
