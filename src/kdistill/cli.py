@@ -25,6 +25,8 @@ def _run(args: argparse.Namespace) -> int:
     if has_scheme(args.config):  # online, self-distillation, EMA, multi-teacher, unlabelled
         overrides = [arg for item in args.set for arg in ("--set", item)]
         return scheme_main(["run", args.config, *overrides, *(["--resume"] * args.resume)])
+    if _dense_task(args.config) is not None:  # task: detection | segmentation
+        return _run_dense(args)
     cfg = load_config(args.config, args.set)
     result = run_experiment(cfg, resume=args.resume)
     student = result.summary["student"]
@@ -33,6 +35,53 @@ def _run(args: argparse.Namespace) -> int:
         f"(best {student['best_test_accuracy']:.4f}); weights in {student['weights']}"
     )
     return 0
+
+
+def _dense_task(path: str) -> str | None:
+    """The ``task:`` of a config file when it is a dense-prediction task, else ``None``."""
+    from kdistill.config import parse_yaml
+
+    try:
+        data = parse_yaml(open(path).read())  # noqa: SIM115 - a small file, read once
+    except Exception:  # an unreadable file is reported by the regular loader
+        return None
+    task = data.get("task") if isinstance(data, dict) else None
+    return task if task in ("detection", "segmentation") else None
+
+
+def _run_dense(args: argparse.Namespace) -> int:
+    from kdistill.config import read_config_file
+    from kdistill.dense.config import dense_config_from_dict
+    from kdistill.dense.run import run_dense
+
+    cfg = dense_config_from_dict(read_config_file(args.config, args.set))
+    result = run_dense(cfg, resume=args.resume)
+    metric = "map" if cfg.task == "detection" else "miou"
+    for name, row in result.summary["models"].items():
+        print(f"{name}: {metric} {row[metric]:.4f}, {row['parameters']:,} parameters")
+    print(f"report in {cfg.output_dir}/report.md")
+    return 0
+
+
+def _prepare_output(args: argparse.Namespace, output_dir: str) -> None:
+    from kdistill.rundir import prepare_output_dir
+
+    protected = (Path(args.config).expanduser(),)
+    prepare_output_dir(
+        output_dir, resume=args.resume, overwrite=args.overwrite, protected=protected
+    )
+
+
+def _check_local_models(cfg: object) -> None:
+    """A ``teacher.path`` / ``student.path`` that does not exist is named here, before
+    transformers reads it as a Hub repo id (an 80-line traceback about repo names)."""
+    for key in ("teacher", "student"):
+        path = getattr(getattr(cfg, key, None), "path", None)
+        if isinstance(path, str) and path and not Path(path).expanduser().exists():
+            raise ConfigError(
+                f"{key}.path: {path} does not exist; give the folder of a Hugging Face model "
+                "(config.json + weights), relative to the config file's folder"
+            )
 
 
 def _lm(args: argparse.Namespace) -> int:

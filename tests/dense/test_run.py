@@ -148,3 +148,19 @@ def test_unknown_layer_and_loss_names_are_config_errors(tmp_path: Path) -> None:
     cfg = dense_config_from_dict(_config(tmp_path, "detection", distill={"terms": bad_loss}))
     with pytest.raises(ConfigError, match="did you mean 'cwd'"):
         run_dense(cfg)
+
+
+def test_kdistill_run_takes_a_dense_task_config(tmp_path: Path, capsys: Any) -> None:
+    """``kdistill run`` with ``task: segmentation`` runs the dense workflow (one CLI)."""
+    import yaml
+
+    from kdistill.cli import main
+
+    config = tmp_path / "seg.yaml"
+    config.write_text(yaml.safe_dump(_config(tmp_path, "segmentation")))
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "student_kd: miou" in out and "report.md" in out
+    _check_run(
+        tmp_path / "run", json.loads((tmp_path / "run" / "summary.json").read_text()), "miou"
+    )

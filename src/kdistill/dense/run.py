@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill import distributed
 from kdistill.checkpoint import atomic_write_text, load_weights
 from kdistill.config import ConfigError, DistillConfig, TermConfig
 from kdistill.data.loader import TensorBatchLoader
@@ -43,8 +44,8 @@ from kdistill.distiller import LOGITS, Distiller, Inputs, LossTerm
 from kdistill.experiment import build_terms, cache_teacher_outputs
 from kdistill.models import count_parameters
 from kdistill.report import measure_latency
+from kdistill.runtime import build_trainer, start_run
 from kdistill.taps import FeatureTaps
-from kdistill.trainer import Trainer, resolve_device, seed_everything
 
 __all__ = [
     "DEFAULT_TERMS",
@@ -276,21 +277,17 @@ def train_model(
     val_loader = TensorBatchLoader(
         inputs=data.val[0], target=data.val[1], batch_size=d.eval_batch_size
     )
-    trainer = Trainer(
+    trainer = build_trainer(  # every train.* key, as for every other entry point
         distiller,
         train_loader,
         val_loader,
-        cfg.optim,
-        epochs,
-        folder,
-        device=device,
-        progress=cfg.train.progress,
+        optim=cfg.optim,
+        train=cfg.train,
+        output_dir=folder,
         config=cfg.to_dict(),
-        checkpoint_every=cfg.train.checkpoint_every,
-        skip_nonfinite=cfg.train.skip_nonfinite,
-        amp=cfg.train.amp,
-        tensorboard=cfg.train.tensorboard,
+        device=device,
         evaluate_fn=evaluate_fn(cfg, data.num_classes),
+        epochs=epochs,
     )
     began = time.perf_counter()
     fit = trainer.fit(resume=resume)
@@ -327,10 +324,9 @@ def run_dense(cfg: DenseConfig, resume: bool = False) -> DenseResult:
     """Teacher (trained, or loaded from ``teacher.checkpoint``), student without KD (when
     ``baseline``), student with the KD terms; test metrics, parameters and latency of each
     in ``summary.json`` / ``report.md``, and ``predictions.png``."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    device = resolve_device(cfg.train.device)
+    device = start_run(cfg.seed, cfg.train).device
+    if distributed.is_distributed():
+        raise ConfigError("task: dense runs train in one process; start them without torchrun")
     out_dir = Path(cfg.output_dir)
     data = load_dense_data(cfg)
     channels = data.train[0].shape[1]
