@@ -54,7 +54,10 @@ tensor in memory at write time. bfloat16 (which NumPy lacks) is stored as its ra
 bits and viewed back. The manifest records the format version, the teacher's identity (class
 and sha256 of its state dict), the data fingerprint (sha256 of the inputs, data set name and
 transform), the layout, ``k``, vocabulary size, the name, per-row shape and dtype of each
-tensor, and the size and sha256 of every shard file.
+tensor, the size and sha256 of every shard file, and (``teacher_tokenizer``, when the caller
+gives it as plain data) the identity of the tokenizer that made the teacher's token ids — a
+cache recorded with another teacher tokenizer is refused, since its ids and row positions
+mean other text (the LM code computes the record; this module stores and compares it).
 
 Safety: shards are written to a temporary name, fsynced and ``os.replace`` d into place; the
 manifest is written last (atomically), so a folder without one is an interrupted build. On
@@ -354,12 +357,35 @@ def _check_fresh(
         )
 
 
+def _tokenizer_name(record: Mapping[str, Any]) -> str:
+    name = record.get("name_or_path") or record.get("class") or "a tokenizer"
+    return f"{name} (fingerprint {str(record.get('fingerprint'))[:16]}…)"
+
+
+def _check_tokenizer(
+    path: Path, manifest: Mapping[str, Any], tokenizer: Mapping[str, Any] | None
+) -> None:
+    """Refuse a cache whose recorded teacher tokenizer is not ``tokenizer`` (by fingerprint):
+    its token ids, and the positions of its rows, mean other text."""
+    cached = manifest.get("teacher_tokenizer")
+    if tokenizer is None or not cached:
+        return
+    if cached.get("fingerprint") != tokenizer.get("fingerprint"):
+        raise StaleCacheError(
+            f"teacher cache {path} is stale: it was built with the teacher tokenizer "
+            f"{_tokenizer_name(cached)}, this run's teacher tokenizer is "
+            f"{_tokenizer_name(tokenizer)}; delete {path} or rebuild it (rebuild=True, or "
+            "distill.cache_rebuild: true)"
+        )
+
+
 def open_cache(
     path: str | os.PathLike[str],
     *,
     teacher: nn.Module | Mapping[str, str] | None = None,
     data: Mapping[str, Any] | None = None,
     verify: Literal["sha256", "size"] = "sha256",
+    tokenizer: Mapping[str, Any] | None = None,
 ) -> TeacherCache:
     """Open a cache folder, refusing it when stale or damaged.
 
@@ -370,9 +396,12 @@ def open_cache(
         data: the :func:`data_fingerprint` the cache must match; ``None`` skips the check.
         verify: ``"sha256"`` hashes every shard file (reads the whole cache once);
             ``"size"`` only checks sizes and headers (for very large caches).
+        tokenizer: the teacher tokenizer's identity (a dict with a ``"fingerprint"``, e.g.
+            :func:`kdistill.lm.alignment.tokenizer_identity`) the cache must have been built
+            with; ``None`` skips the check, as does a cache that recorded none.
 
     Raises:
-        StaleCacheError: other teacher or other data.
+        StaleCacheError: other teacher, other data or another teacher tokenizer.
         CorruptCacheError: no or unreadable manifest, a missing, truncated or corrupted
             shard, or a shard whose header disagrees with the manifest.
     """
@@ -380,6 +409,7 @@ def open_cache(
     manifest = _read_manifest(path)
     identity = teacher_identity(teacher) if isinstance(teacher, nn.Module) else teacher
     _check_fresh(path, manifest, identity, data)
+    _check_tokenizer(path, manifest, tokenizer)
     fix = f"delete {path} or rebuild it (rebuild=True, or distill.cache_rebuild: true)"
     arrays: dict[str, list[np.ndarray]] = {name: [] for name in manifest["tensors"]}
     starts: list[int] = []
@@ -605,6 +635,7 @@ def build_cache(
     values_dtype: torch.dtype = torch.float16,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     rebuild: bool = False,
+    tokenizer: Mapping[str, Any] | None = None,
 ) -> TeacherCache:
     """Run ``teacher`` once over ``inputs`` and write its outputs to the folder ``path``.
 
@@ -625,6 +656,9 @@ def build_cache(
         values_dtype: ``torch.float16`` or ``torch.bfloat16`` for top-k log-probabilities
             (``torch.float32``: twice the bytes, no rounding — exact with ``k = V``).
         shard_bytes: target size of one shard (all tensors together).
+        tokenizer: the identity of the tokenizer that made ``inputs`` (plain data with a
+            ``"fingerprint"``), recorded as ``manifest["teacher_tokenizer"]``; a cache
+            recorded with another one is refused (:func:`open_cache`).
 
     Returns:
         the opened cache.
@@ -636,7 +670,7 @@ def build_cache(
     _check_values_dtype(values_dtype)
     identity = teacher_identity(teacher)
     fingerprint = data_fingerprint(inputs, data_name, transform, attention_mask)
-    existing = _prepare_folder(path, identity, fingerprint, rebuild)
+    existing = _prepare_folder(path, identity, fingerprint, rebuild, tokenizer)
     if existing is not None:
         return existing
 
@@ -662,7 +696,7 @@ def build_cache(
         raise
     finally:
         passes.close()  # leaves inference mode, removes the taps, restores the train mode
-    return _finish(path, writer, layout, identity, fingerprint, k, vocab)
+    return _finish(path, writer, layout, identity, fingerprint, k, vocab, tokenizer)
 
 
 def _check_values_dtype(values_dtype: torch.dtype) -> None:
@@ -674,7 +708,11 @@ def _check_values_dtype(values_dtype: torch.dtype) -> None:
 
 
 def _prepare_folder(
-    path: Path, identity: Mapping[str, str], fingerprint: Mapping[str, Any], rebuild: bool
+    path: Path,
+    identity: Mapping[str, str],
+    fingerprint: Mapping[str, Any],
+    rebuild: bool,
+    tokenizer: Mapping[str, Any] | None = None,
 ) -> TeacherCache | None:
     """The existing cache of this teacher and data (``None``: write one into an empty folder).
 
@@ -682,7 +720,7 @@ def _prepare_folder(
     """
     if (path / MANIFEST).exists():
         if not rebuild:
-            return open_cache(path, teacher=identity, data=fingerprint)
+            return open_cache(path, teacher=identity, data=fingerprint, tokenizer=tokenizer)
         (path / MANIFEST).unlink()
         _fsync_dir(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -699,6 +737,7 @@ def _finish(
     fingerprint: Mapping[str, Any],
     k: int | None,
     vocab: int | None,
+    tokenizer: Mapping[str, Any] | None = None,
 ) -> TeacherCache:
     """Write the manifest (last, atomically) and open the finished cache."""
     manifest = {
@@ -715,9 +754,10 @@ def _finish(
         "vocab_size": vocab,
         "tensors": writer.specs,
         "shards": writer.shards,
+        "teacher_tokenizer": None if tokenizer is None else dict(tokenizer),
     }
     atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return open_cache(path, teacher=identity, data=fingerprint, verify="size")
+    return open_cache(path, teacher=identity, data=fingerprint, verify="size", tokenizer=tokenizer)
 
 
 TopKRows = tuple[Tensor, Tensor, Tensor]
@@ -738,6 +778,7 @@ def build_topk_cache(
     values_dtype: torch.dtype = torch.float16,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     rebuild: bool = False,
+    tokenizer: Mapping[str, Any] | None = None,
 ) -> TeacherCache:
     """Write precomputed top-k teacher rows (e.g. scored by a server) as a top-k cache.
 
@@ -756,7 +797,7 @@ def build_topk_cache(
         data_name / transform / attention_mask: the data fingerprint, as for
             :func:`build_cache` (the same values give the same fingerprint).
         k / vocab_size: top-k width and the teacher's vocabulary (the index dtype).
-        values_dtype / shard_bytes: as for :func:`build_cache`.
+        values_dtype / shard_bytes / tokenizer: as for :func:`build_cache`.
     """
     path = Path(path)
     total = int(inputs.shape[0])
@@ -766,7 +807,7 @@ def build_topk_cache(
         raise ValueError(f"k must be in [1, vocab_size = {vocab_size}], got {k}")
     _check_values_dtype(values_dtype)
     fingerprint = data_fingerprint(inputs, data_name, transform, attention_mask)
-    existing = _prepare_folder(path, identity, fingerprint, rebuild)
+    existing = _prepare_folder(path, identity, fingerprint, rebuild, tokenizer)
     if existing is not None:
         return existing
     writer = _ShardWriter(path, total, shard_bytes)
@@ -797,7 +838,7 @@ def build_topk_cache(
     except BaseException:
         writer.abort()
         raise
-    return _finish(path, writer, "topk", identity, fingerprint, k, vocab_size)
+    return _finish(path, writer, "topk", identity, fingerprint, k, vocab_size, tokenizer)
 
 
 def load_or_build(
@@ -821,7 +862,8 @@ def load_or_build(
             inputs, data_name, transform, build_kwargs.get("attention_mask")
         )
         keys = list(build_kwargs.get("keys", (LOGITS,)))
-        return _open_matching(path, teacher, fingerprint, keys, build_kwargs.get("k")), False
+        k, tokenizer = build_kwargs.get("k"), build_kwargs.get("tokenizer")
+        return _open_matching(path, teacher, fingerprint, keys, k, tokenizer), False
     cache = build_cache(path, teacher, inputs, data_name=data_name, rebuild=True, **build_kwargs)
     return cache, True
 
@@ -832,9 +874,10 @@ def _open_matching(
     fingerprint: Mapping[str, Any],
     keys: list[str],
     k: int | None,
+    tokenizer: Mapping[str, Any] | None = None,
 ) -> TeacherCache:
     """Open an existing cache and check it holds what this run needs (layout, k, keys)."""
-    cache = open_cache(path, teacher=teacher, data=fingerprint)
+    cache = open_cache(path, teacher=teacher, data=fingerprint, tokenizer=tokenizer)
     if (
         cache.manifest["layout"] != _layout_of(keys, k)
         or cache.manifest.get("k") != k
@@ -874,7 +917,8 @@ def load_or_build_topk(
             build_kwargs.get("transform", "none"),
             build_kwargs.get("attention_mask"),
         )
-        return _open_matching(path, identity, fingerprint, [LOGITS], k), False
+        tokenizer = build_kwargs.get("tokenizer")
+        return _open_matching(path, identity, fingerprint, [LOGITS], k, tokenizer), False
     cache = build_topk_cache(
         path,
         rows(),

@@ -96,6 +96,13 @@ def _lm(args: argparse.Namespace) -> int:
         f"training {student['initial']['perplexity']:.2f}{versus}); weights in "
         f"{student['weights']} and {student['hf_folder']}"
     )
+    if "bits_per_byte" in student["final"]:  # causal LMs: comparable across tokenizers
+        teacher_bpb = (teacher or {}).get("eval", {}).get("bits_per_byte")
+        versus = "" if teacher_bpb is None else f"; teacher {teacher_bpb:.3f}"
+        print(
+            f"student: held-out bits per byte {student['final']['bits_per_byte']:.3f} (before "
+            f"training {student['initial']['bits_per_byte']:.3f}{versus})"
+        )
     return 0
 
 

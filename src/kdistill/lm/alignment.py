@@ -65,6 +65,7 @@ __all__ = [
     "alignment_tensors",
     "spans_from_pieces",
     "teacher_alignment_record",
+    "tokenizer_identity",
 ]
 
 Span = tuple[int, int]
@@ -509,14 +510,22 @@ def teacher_alignment_record(tokenizer: Any, text: str) -> dict[str, Any]:
     wrapped = SpanTokenizer(tokenizer, "teacher tokenizer")
     spans = wrapped.tokenize(text)
     return {
-        "tokenizer": {
-            "class": type(wrapped.tokenizer).__name__,
-            "name_or_path": str(getattr(wrapped.tokenizer, "name_or_path", "")),
-            "scheme": wrapped.scheme,
-            "vocab_size": wrapped.vocab_size,
-            "fingerprint": wrapped.fingerprint(),
-        },
+        "tokenizer": tokenizer_identity(wrapped),
         "input_ids": spans.input_ids,
         "byte_spans": [list(s) for s in spans.spans],
         "num_bytes": spans.num_bytes,
+    }
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """``{"class", "name_or_path", "scheme", "vocab_size", "fingerprint"}`` of a tokenizer:
+    the ``"tokenizer"`` entry of :func:`teacher_alignment_record` (``fingerprint`` is
+    :meth:`SpanTokenizer.fingerprint`, what decides whether two tokenizers are one)."""
+    wrapped = SpanTokenizer(tokenizer, "teacher tokenizer")
+    return {
+        "class": type(wrapped.tokenizer).__name__,
+        "name_or_path": str(getattr(wrapped.tokenizer, "name_or_path", "")),
+        "scheme": wrapped.scheme,
+        "vocab_size": wrapped.vocab_size,
+        "fingerprint": wrapped.fingerprint(),
     }

@@ -311,6 +311,9 @@ class CrossTokenizerCollator:
         append_eos: append the student's EOS (as ``kdistill lm`` does, so it learns where a
             text ends); the teacher gets its own EOS when it has one. EOS is zero-width, so
             the last text byte closes a compared group when both sides have it.
+        trim_teacher: also drop the teacher tokens that end past the last byte the student
+            kept (after ``max_length``): no group can close there, so the teacher does not
+            read text the student never sees. The groups are the same as without it.
 
     ``collator(texts)`` → the batch of :class:`~kdistill.lm.batches.CausalLMCollator`
     (``{"inputs": {"input_ids", "attention_mask"}, "target": labels, "prompt_lengths"}``)
@@ -325,6 +328,7 @@ class CrossTokenizerCollator:
     max_length: int | None = None
     teacher_max_length: int | None = None
     append_eos: bool = False
+    trim_teacher: bool = False
     student: SpanTokenizer = field(init=False, repr=False)
     teacher: SpanTokenizer = field(init=False, repr=False)
 
@@ -355,6 +359,11 @@ class CrossTokenizerCollator:
         texts = [_text_of(x, i) for i, x in enumerate(examples)]
         student = [self._tokenize(self.student, t, self.max_length) for t in texts]
         teacher = [self._tokenize(self.teacher, t, self.teacher_max_length) for t in texts]
+        if self.trim_teacher:
+            teacher = [
+                _within(t, max((e for _, e in s.spans), default=0))
+                for s, t in zip(student, teacher, strict=True)
+            ]
         groups = [align_spans(s.spans, t.spans) for s, t in zip(student, teacher, strict=True)]
         s_ids, s_mask = pad_right([s.input_ids for s in student], _pad_id(self.student))
         t_ids, t_mask = pad_right([t.input_ids for t in teacher], _pad_id(self.teacher))
@@ -370,6 +379,14 @@ class CrossTokenizerCollator:
             "alignment": alignment,
             "num_bytes": torch.tensor([s.num_bytes for s in student], dtype=torch.long),
         }
+
+
+def _within(spans: TokenSpans, end: int) -> TokenSpans:
+    """The leading tokens of ``spans`` that end at or before byte ``end`` (at least one)."""
+    keep = 0
+    while keep < len(spans.spans) and spans.spans[keep][1] <= end:
+        keep += 1
+    return spans.truncate(max(keep, 1))
 
 
 def _pad_id(side: SpanTokenizer) -> int | None:

@@ -386,7 +386,10 @@ def hybrid_divergence(
 
 class _AlignedLoss(nn.Module):
     """Shared ``forward(student_logits, teacher, alignment)`` of the cross-tokenizer losses;
-    ``alignment`` is the collator's ``{"student_positions", "teacher_positions", "mask"}``."""
+    ``alignment`` is the collator's ``{"student_positions", "teacher_positions", "mask"}``
+    (a :class:`~kdistill.distiller.LossTerm` hands the batch's ``alignment`` entry over)."""
+
+    batch_keys = ("alignment",)
 
     def __init__(self, temperature: float = 1.0, chunk_size: int | None = None) -> None:
         super().__init__()
