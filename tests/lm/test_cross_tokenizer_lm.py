@@ -29,6 +29,7 @@ from kdistill.lm.alignment import tokenizer_identity  # noqa: E402
 from kdistill.lm.batches import ByteTokenizer  # noqa: E402
 from kdistill.lm.bpb import evaluate_bits_per_byte  # noqa: E402
 from kdistill.lm.config import load_lm_config  # noqa: E402
+from kdistill.lm.cross_tokenizer import CrossTokenizerCollator  # noqa: E402
 from kdistill.lm.train import build_lm_run, run_lm  # noqa: E402
 from kdistill.lm.uld import HybridULDLoss, ULDLoss  # noqa: E402
 from kdistill.trainer import batch_extras  # noqa: E402
@@ -251,3 +252,21 @@ def test_lm_topk_cache_manifest_holds_the_teacher_tokenizer(tmp_path):
     build_lm_run(cfg)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["teacher_tokenizer"] == tokenizer_identity(ByteTokenizer())
+
+
+def test_trimmed_teacher_reads_only_the_bytes_the_student_kept(bpe):
+    teacher = transformers.AutoTokenizer.from_pretrained(str(bpe))
+    texts = TEXT.read_text(encoding="utf-8").splitlines()[:4]
+    kwargs = {"max_length": 20, "append_eos": True}  # BOS + the first 19 bytes of each text
+    full = CrossTokenizerCollator(ByteTokenizer(), teacher, **kwargs)(texts)
+    trim = CrossTokenizerCollator(ByteTokenizer(), teacher, trim_teacher=True, **kwargs)(texts)
+    for key in ("student_positions", "teacher_positions", "mask"):  # the same groups
+        assert torch.equal(full["alignment"][key], trim["alignment"][key])
+    long_ids, short_ids = full["teacher_inputs"]["input_ids"], trim["teacher_inputs"]["input_ids"]
+    assert short_ids.shape[1] < long_ids.shape[1]
+    for row, short, mask in zip(
+        long_ids, short_ids, trim["teacher_inputs"]["attention_mask"], strict=True
+    ):
+        kept = short[mask.bool()]
+        assert torch.equal(row[: len(kept)], kept)  # a prefix of the teacher's tokens
+        assert len(teacher.decode(kept.tolist()).encode("utf-8")) <= 19
