@@ -171,16 +171,24 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from kdistill.sweep import run_sweep
+    from kdistill.sweep import Grid, parse_grid_item, read_grid_file, run_sweep
 
+    grid = read_grid_file(args.grid_file) if args.grid_file else Grid()
+    for item in args.grid:
+        key, values = parse_grid_item(item)
+        grid.product[key] = values
     result = run_sweep(
         args.config,
+        grid=grid,
         temperatures=args.temperature,
         alphas=args.alpha,
+        seeds=args.seeds,
+        metric=args.select,
         overrides=args.set,
         jobs=args.jobs,
         output_dir=args.output_dir,
         resume=args.resume,
+        name=args.name,
     )
     print("\n" + result.files["table"].read_text())
     for note in result.notes:
@@ -329,10 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--samples", type=int, default=3, help="test images in that figure")
     report.set_defaults(func=_report)
 
-    sweep = sub.add_parser("sweep", help="grid of short runs over temperature and alpha")
-    sweep.add_argument("config", help="experiment YAML with a teacher and the default KD loss")
-    sweep.add_argument("--temperature", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
-    sweep.add_argument("--alpha", type=float, nargs="+", default=[0.5, 0.9])
+    sweep = sub.add_parser(
+        "sweep", help="grid of runs over any config keys and seeds, chosen on validation"
+    )
+    sweep.add_argument("config", help="experiment YAML")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="values of one config key, e.g. distill.terms[1].weight=0.1,1,10 (repeatable)",
+    )
+    sweep.add_argument("--grid-file", help="YAML: grid: {key: [values]} and/or points: [...]")
+    sweep.add_argument("--temperature", type=float, nargs="+", help="= --grid distill.temperature")
+    sweep.add_argument("--alpha", type=float, nargs="+", help="= --grid distill.alpha")
+    sweep.add_argument("--seeds", type=int, nargs="+", help="seeds per point (default: config's)")
+    sweep.add_argument(
+        "--select", help="metric: val_accuracy (default with data.val_size) or test_accuracy"
+    )
+    sweep.add_argument("--name", default="sweep", help="file names: NAME.md, NAME.json, ...")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split)")
     sweep.add_argument("--output-dir", default=None, help="sweep folder (default: output_dir)")

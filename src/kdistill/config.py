@@ -66,10 +66,14 @@ class DataConfig:
     augment: bool = (
         False  # training only: ±2 px shifts + flips (Fashion-MNIST), crop + flip (CIFAR)
     )
+    # hold out this many training images (class-stratified, the same for every seed) as a
+    # validation set: the run trains on the rest (train_subset then draws from the rest) and
+    # reports val_accuracy per epoch and in summary.json, so tuning never reads the test set
+    val_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "eval_batch_size")
-        _check_optional_positive(self, "train_subset", "test_subset")
+        _check_optional_positive(self, "train_subset", "test_subset", "val_size")
         _check_non_negative(self, "num_workers")
 
 

@@ -13,7 +13,7 @@ import functools
 import inspect
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,6 +30,7 @@ from kdistill.cache import (
     load_or_build,
     teacher_outputs,
 )
+from kdistill.callbacks import Callback
 from kdistill.checkpoint import atomic_write_text, load_weights
 from kdistill.config import (
     ConfigError,
@@ -39,7 +40,7 @@ from kdistill.config import (
     TermConfig,
     given_keys,
 )
-from kdistill.data import fashion_mnist_dataset
+from kdistill.data import fashion_mnist_dataset, stratified_indices, train_val_indices
 from kdistill.data.cifar import CIFAR_STATS, cifar_dataset, random_crop_flip
 from kdistill.data.loader import TensorBatchLoader, random_shift_flip
 from kdistill.distiller import AUTO, LOGITS, Distiller, LossTerm, probe_shapes
@@ -215,15 +216,63 @@ def probe_terms(
 
 
 def load_data(cfg: ExperimentConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """Training and test tensors ``(x, y)`` for the configured data set."""
+    """Training and test tensors ``(x, y)`` for the configured data set.
+
+    With ``data.val_size`` the training tensors leave out the validation images
+    (:func:`load_validation`).
+    """
+    d = cfg.data
+    if d.val_size is not None:
+        return _train_split(cfg, "train"), _dataset(cfg, "test", d.test_subset)
+    return _dataset(cfg, "train", d.train_subset), _dataset(cfg, "test", d.test_subset)
+
+
+def load_validation(cfg: ExperimentConfig) -> tuple[Tensor, Tensor] | None:
+    """The ``data.val_size`` held-out training images ``(x, y)``, or None without one."""
+    return None if cfg.data.val_size is None else _train_split(cfg, "val")
+
+
+def _dataset(cfg: ExperimentConfig, split: str, subset: int | None) -> tuple[Tensor, Tensor]:
     d = cfg.data
     if d.name == "fashion_mnist":
-        train = fashion_mnist_dataset("train", root=d.root, subset=d.train_subset, seed=cfg.seed)
-        test = fashion_mnist_dataset("test", root=d.root, subset=d.test_subset, seed=cfg.seed)
+        data = fashion_mnist_dataset(split, root=d.root, subset=subset, seed=cfg.seed)
     else:
-        train = cifar_dataset(d.name, "train", root=d.root, subset=d.train_subset, seed=cfg.seed)
-        test = cifar_dataset(d.name, "test", root=d.root, subset=d.test_subset, seed=cfg.seed)
-    return (train.tensors[0], train.tensors[1]), (test.tensors[0], test.tensors[1])
+        data = cifar_dataset(d.name, split, root=d.root, subset=subset, seed=cfg.seed)
+    return data.tensors[0], data.tensors[1]
+
+
+def _train_split(cfg: ExperimentConfig, part: str) -> tuple[Tensor, Tensor]:
+    """``part`` ``"train"`` (the rest, then ``train_subset`` of it) or ``"val"`` of the
+    training set split by :func:`~kdistill.data.train_val_indices`."""
+    d = cfg.data
+    assert d.val_size is not None
+    x, y = _dataset(cfg, "train", None)
+    try:
+        rest, val = train_val_indices(y, d.val_size)
+    except ValueError as err:
+        raise ConfigError(f"data.val_size: {err}") from None
+    if part == "val":
+        return x[val], y[val]
+    if d.train_subset is not None:
+        try:
+            rest = rest[stratified_indices(y[rest], d.train_subset, cfg.seed)]
+        except ValueError as err:
+            raise ConfigError(
+                f"data.train_subset: {err} (the training images left after data.val_size)"
+            ) from None
+    return x[rest], y[rest]
+
+
+class ValidationCallback(Callback):
+    """Evaluate the student on the validation split after every epoch: ``val_accuracy``
+    and ``val_loss`` in the epoch's row (``metrics.jsonl``, the summary)."""
+
+    def __init__(self, loader: TensorBatchLoader) -> None:
+        self.loader = loader
+
+    def on_epoch_end(self, trainer: Any, epoch: int, row: MutableMapping[str, Any]) -> None:
+        metrics = trainer.evaluate_fn(trainer.distiller.student, self.loader, trainer.device)
+        row.update({f"val_{k}": v for k, v in metrics.items()})
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -268,6 +317,12 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     distiller.build_adapters(example)
 
     eval_loader = TensorBatchLoader(test_x, test_y, batch_size=cfg.data.eval_batch_size)
+    val = load_validation(cfg)
+    callbacks = (
+        []
+        if val is None
+        else [ValidationCallback(TensorBatchLoader(*val, batch_size=cfg.data.eval_batch_size))]
+    )
     teacher_metrics: dict[str, float] | None = None
     cached: dict[str, Any] = {}  # "teacher.<key>": Tensor, or ShardedTensor from cache_dir
     if teacher is not None:
@@ -297,6 +352,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         output_dir=cfg.output_dir,
         config=cfg.to_dict(),
         device=device,
+        callbacks=callbacks,
     )
     fit = trainer.fit(resume=resume)
     summary = {
@@ -306,6 +362,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
             "test_accuracy": fit.final["test_accuracy"],
             "best_test_accuracy": max(r["test_accuracy"] for r in fit.history),
             "weights": str(fit.student_path),
+            **_val_summary(fit, val),
         },
         "teacher": None
         if teacher is None
@@ -328,6 +385,16 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
             Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n"
         )
     return RunResult(fit, summary)
+
+
+def _val_summary(fit: FitResult, val: tuple[Tensor, Tensor] | None) -> dict[str, Any]:
+    if val is None:
+        return {}
+    return {
+        "val_accuracy": fit.final["val_accuracy"],
+        "best_val_accuracy": max(r["val_accuracy"] for r in fit.history),
+        "val_samples": int(val[1].shape[0]),
+    }
 
 
 def run_stages(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
@@ -438,7 +505,14 @@ def disk_teacher_outputs(
     path = Path(cfg.distill.cache_dir).expanduser()
     d = cfg.data
     build = {
-        "data_name": f"{d.name}:train(subset={d.train_subset}, seed={cfg.seed})",
+        "data_name": f"{d.name}:train(subset={d.train_subset}, seed={cfg.seed})"
+        if d.val_size is None
+        # the validation split does not depend on the seed: without train_subset neither
+        # do the training images, and one cache serves every seed
+        else f"{d.name}:train(minus val_size={d.val_size}"
+        + ("" if d.train_subset is None else f", subset={d.train_subset}, seed={cfg.seed}")
+        + ")",
+
         "transform": "none",
         "keys": list(keys),
         "batch_size": d.eval_batch_size,

@@ -24,6 +24,7 @@ from kdistill.data.fashion_mnist import (
     load_fashion_mnist,
     read_idx,
     stratified_indices,
+    train_val_indices,
 )
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "random_crop_flip",
     "read_idx",
     "stratified_indices",
+    "train_val_indices",
 ]

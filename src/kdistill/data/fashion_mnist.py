@@ -31,6 +31,7 @@ __all__ = [
     "load_fashion_mnist",
     "read_idx",
     "stratified_indices",
+    "train_val_indices",
 ]
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -310,6 +311,31 @@ def stratified_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Ten
         perm = torch.randperm(len(members), generator=generator)
         picked.append(members[perm[:quota]])
     return torch.cat(picked).sort().values
+
+
+VAL_SEED = 0
+"""Seed of the validation draw: the held-out images are the same whatever the run's seed."""
+
+
+def train_val_indices(
+    labels: torch.Tensor, val_size: int, seed: int = VAL_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a training set into ``(train, val)`` index tensors, both sorted.
+
+    ``val`` is a class-stratified draw of ``val_size`` indices (:func:`stratified_indices`,
+    fixed by ``seed``); ``train`` is every other index. Tuning reads the validation
+    accuracy, so the test set never chooses a hyper-parameter.
+    """
+    total = len(labels)
+    if not 0 < val_size < total:
+        raise ValueError(
+            f"validation size must be between 1 and {total - 1} (the training split has "
+            f"{total} images and needs some left to train on), got {val_size}"
+        )
+    val = stratified_indices(labels, val_size, seed)
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[val] = False
+    return torch.nonzero(keep).flatten(), val
 
 
 def fashion_mnist_dataset(
