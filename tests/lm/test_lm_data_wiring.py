@@ -22,7 +22,7 @@ from kdistill.checkpoint import load_weights  # noqa: E402
 from kdistill.cli import main  # noqa: E402
 from kdistill.config import ConfigError  # noqa: E402
 from kdistill.distiller import IGNORE_INDEX  # noqa: E402
-from kdistill.lm.config import load_lm_config, lm_config_from_dict  # noqa: E402
+from kdistill.lm.config import lm_config_from_dict, load_lm_config  # noqa: E402
 from kdistill.lm.train import build_lm_run  # noqa: E402
 
 WORDS = [
@@ -143,9 +143,8 @@ def test_chat_batches_carry_loss_on_assistant_tokens_only(project: Path, monkeyp
             tokens = tok.convert_ids_to_tokens(ids[row, :n].tolist())
             targets = assistant_targets(tokens)
             assert targets and "user" in tokens
-            expected = [
-                int(ids[row, t]) if t in targets else IGNORE_INDEX for t in range(1, n)
-            ] + [IGNORE_INDEX] * (ids.shape[1] - n + 1)  # the last token predicts nothing
+            expected = [int(ids[row, t]) if t in targets else IGNORE_INDEX for t in range(1, n)]
+            expected += [IGNORE_INDEX] * (ids.shape[1] - n + 1)  # the last predicts nothing
             assert labels[row].tolist() == expected
             rows += 1
     assert rows == run.info["data"]["train_examples"] == 6
@@ -280,10 +279,14 @@ def test_gkd_continues_each_prompt_completion_record_after_its_own_prompt(
 
 
 def test_objectives_that_continue_prompts_refuse_chat_records(tmp_path: Path) -> None:
-    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
-    with pytest.raises(ConfigError, match="data.file: holds chat messages records; objective gkd"):
+    chat = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ]
+    with pytest.raises(
+        ConfigError, match=r"data\.file: holds chat messages records; objective gkd"
+    ):
         build_lm_run(lm_config_from_dict(_pairs_config(tmp_path, "gkd", chat * 8)))
-    with pytest.raises(ConfigError, match="data.shape: objective seqkd"):
+    with pytest.raises(ConfigError, match=r"data\.shape: objective seqkd"):
         lm_config_from_dict(_pairs_config(tmp_path, "seqkd", chat, shape="messages"))
 
 
@@ -304,3 +307,27 @@ def test_config_errors_name_the_key(change: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         lm_config_from_dict({**base, **change})
     assert message in str(err.value)
+
+
+def test_chat_lora_example_masks_all_but_the_assistant_bytes() -> None:
+    example = Path(__file__).parents[2] / "examples" / "lm" / "chat_lora.yaml"
+    cfg = load_lm_config(example, ["output_dir=unused"])
+    assert cfg.train.accumulate_steps == 2 and cfg.student.lora is not None
+    run = build_lm_run(cfg)
+    eos, head, end = 258, b"<|im_start|>assistant\n", b"<|im_end|>\n"
+    for batch in run.train_loader:
+        ids, labels = batch["inputs"]["input_ids"], batch["target"]
+        for row in range(ids.shape[0]):
+            n = int(batch["inputs"]["attention_mask"][row].sum())
+            seq = ids[row, :n].tolist()
+            text = bytes(i if i < 256 else 0 for i in seq)  # specials as NUL
+            targets, start = set(), text.find(head)
+            while start >= 0:
+                first = start + len(head)
+                last = text.index(end, first) + len(end)  # content, <|im_end|> and newline
+                targets |= set(range(first, last))
+                start = text.find(head, last)
+            if seq[-1] == eos and (n - 1) - 1 in targets:  # the conversation's end is learnt
+                targets.add(n - 1)
+            got = {t for t in range(1, n) if labels[row, t - 1] != IGNORE_INDEX}
+            assert got == targets and all(labels[row, t - 1] == seq[t] for t in got)

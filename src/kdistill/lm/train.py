@@ -1247,7 +1247,9 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
         info,
         teacher_tokenizer=tokenizers.teacher,
         teacher_eval_loader=objective.teacher_eval_loader,
-        eval_texts=eval_texts if causal else [],
+        # bits per byte score whole texts: not prompt + completion or chat records, whose
+        # loss counts the completion / assistant tokens only
+        eval_texts=eval_texts if causal and data_info.get("shape", "text") == "text" else [],
     )
 
 
