@@ -205,7 +205,10 @@ def _eval_ids(run) -> list[list[int]]:
         ),
         (["distill.matched_weight=0.5"], "distill.matched_weight: give both"),
         (["distill.cross_tokenizer=uld", "distill.matched_weight=0.5"], "cross_tokenizer: hybrid"),
-        (["distill.cache_dir=c"], "distill.cross_tokenizer: the on-disk top-k cache"),
+        (
+            ["distill.teacher.endpoint=http://x", "distill.teacher.model=m", "distill.cache_dir=c"],
+            "distill.cross_tokenizer: a served teacher",
+        ),
     ],
 )
 def test_cross_tokenizer_config_mistakes_name_the_key(tmp_path, extra, message):
@@ -270,3 +273,29 @@ def test_trimmed_teacher_reads_only_the_bytes_the_student_kept(bpe):
         kept = short[mask.bool()]
         assert torch.equal(row[: len(kept)], kept)  # a prefix of the teacher's tokens
         assert len(teacher.decode(kept.tolist()).encode("utf-8")) <= 19
+
+
+@pytest.mark.parametrize("loss", ["uld", "hybrid"])
+def test_cross_tokenizer_from_the_topk_cache_equals_the_live_teacher(tmp_path, bpe, loss):
+    """An exact cache (k = the teacher's 320 ids, float32) gives the live teacher's KD term;
+    its manifest records the teacher's tokenizer, and the next run reuses it."""
+    cache = tmp_path / "cache"
+    common = _cross(tmp_path / "run", bpe, f"distill.cross_tokenizer={loss}")
+    live = build_lm_run(load_lm_config(CROSS, common))
+    more = [f"distill.cache_dir={cache}", "distill.cache_topk=320", "distill.cache_dtype=float32"]
+    cached = build_lm_run(load_lm_config(CROSS, [*common, *more]))
+    assert cached.distiller.teacher is None and cached.info["teacher_cache"]["built"]
+    a, b = next(iter(live.train_loader)), next(iter(cached.train_loader))
+    assert torch.equal(a["teacher_inputs"]["input_ids"], b["teacher_inputs"]["input_ids"])
+    with torch.no_grad():
+        out_a = live.distiller(a["inputs"], a["target"], extras=batch_extras(a, "cpu"))
+        out_b = cached.distiller(
+            b["inputs"], b["target"], teacher_outputs={"topk": b["teacher.topk"]},
+            extras=batch_extras(b, "cpu"),
+        )  # fmt: skip
+    assert out_a["kd_loss"] > 0
+    torch.testing.assert_close(out_b["kd_loss"], out_a["kd_loss"], rtol=1e-4, atol=1e-6)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["teacher_tokenizer"] == tokenizer_identity(live.teacher_tokenizer)
+    again = build_lm_run(load_lm_config(CROSS, [*common, *more]))
+    assert not again.info["teacher_cache"]["built"]

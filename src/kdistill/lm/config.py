@@ -44,7 +44,10 @@ log of the mass on every other id) are written there in ``cache_dtype``
 teacher, and the KD term is :func:`kdistill.cache.topk_divergence` (exactly the live
 divergence when ``cache_topk`` is the vocabulary size and ``cache_dtype: float32``;
 ``chunk_size`` does not apply to it). A cache built from another teacher or other texts, or
-with another ``cache_topk``, is refused unless ``cache_rebuild: true``.
+with another ``cache_topk``, is refused unless ``cache_rebuild: true``. With
+``cross_tokenizer`` the cache holds the teacher's top-k over its own tokens of each text (the
+manifest records the teacher tokenizer; a cache of another one is refused) and the
+cross-tokenizer losses read the top-k distribution renormalised (exact at the vocabulary size).
 
 Teachers behind a server (:mod:`kdistill.serve`):
 
@@ -458,11 +461,6 @@ class LMDistillConfig:
             raise ConfigError(
                 "cross_tokenizer: a served teacher (distill.teacher) scores the student's own "
                 "tokens; cross-tokenizer KD needs a local teacher model (a teacher section)"
-            )
-        if self.cache_dir is not None:
-            raise ConfigError(
-                "cross_tokenizer: the on-disk top-k cache (cache_dir) is not read by the "
-                "cross-tokenizer losses yet; remove cache_dir (the teacher runs live)"
             )
 
 

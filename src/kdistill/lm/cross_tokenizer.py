@@ -353,17 +353,21 @@ class CrossTokenizerCollator:
             spans = TokenSpans([*spans.input_ids, eos], [*spans.spans, (end, end)], spans.num_bytes)
         return spans.truncate(length)
 
+    def tokens(self, text: str) -> tuple[TokenSpans, TokenSpans]:
+        """The student's and the teacher's tokens of ``text``, as a batch holds them (a
+        teacher cache built on the teacher's ids lines up with the batches' positions)."""
+        student = self._tokenize(self.student, text, self.max_length)
+        teacher = self._tokenize(self.teacher, text, self.teacher_max_length)
+        if self.trim_teacher:
+            teacher = _within(teacher, max((e for _, e in student.spans), default=0))
+        return student, teacher
+
     def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
         if not examples:
             raise ValueError("cannot collate an empty list of texts")
         texts = [_text_of(x, i) for i, x in enumerate(examples)]
-        student = [self._tokenize(self.student, t, self.max_length) for t in texts]
-        teacher = [self._tokenize(self.teacher, t, self.teacher_max_length) for t in texts]
-        if self.trim_teacher:
-            teacher = [
-                _within(t, max((e for _, e in s.spans), default=0))
-                for s, t in zip(student, teacher, strict=True)
-            ]
+        pairs = [self.tokens(t) for t in texts]
+        student, teacher = [s for s, _ in pairs], [t for _, t in pairs]
         groups = [align_spans(s.spans, t.spans) for s, t in zip(student, teacher, strict=True)]
         s_ids, s_mask = pad_right([s.input_ids for s in student], _pad_id(self.student))
         t_ids, t_mask = pad_right([t.input_ids for t in teacher], _pad_id(self.teacher))

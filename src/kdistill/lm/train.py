@@ -71,7 +71,12 @@ from kdistill.lm.batches import (
 )
 from kdistill.lm.bpb import evaluate_bits_per_byte
 from kdistill.lm.config import LMDataConfig, LMExperimentConfig, LMModelConfig, ServedTeacherConfig
-from kdistill.lm.cross_tokenizer import CrossTokenizerCollator, VocabMap, vocab_map
+from kdistill.lm.cross_tokenizer import (
+    CrossTokenizerCollator,
+    TopKTeacher,
+    VocabMap,
+    vocab_map,
+)
 from kdistill.lm.data import DataFingerprint, LMRecords, load_records, tokenize_records
 from kdistill.lm.distilbert import (
     DISTILBERT_WEIGHTS,
@@ -97,7 +102,7 @@ from kdistill.lm.lora import (
 )
 from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss
 from kdistill.lm.seqkd import GenerationSettings, OnPolicyLoader, build_seqkd_examples
-from kdistill.lm.topk import TOPK, TopKTokenKDLoss, pack_topk
+from kdistill.lm.topk import TOPK, TopKTokenKDLoss, pack_topk, unpack_topk
 from kdistill.lm.uld import HybridULDLoss, ULDLoss
 from kdistill.models import count_parameters
 from kdistill.runtime import build_trainer, start_run
@@ -890,8 +895,7 @@ def _build_cross_tokenizer_kd(run: LMSetup) -> LMObjective:
             chunk_size=d.chunk_size,
         )
     kd = LossTerm("kd", loss, weight=d.alpha)
-    loader = run.shuffled([{"text": t} for t in run.train_texts], collate)
-    info = {
+    info: dict[str, Any] = {
         "cross_tokenizer": {
             "loss": d.cross_tokenizer,
             "student_tokenizer": tokenizer_label(run.tokenizer),
@@ -899,8 +903,64 @@ def _build_cross_tokenizer_kd(run: LMSetup) -> LMObjective:
             "matched_tokens": vocab.size,
         }
     }
+    examples: list[dict[str, Any]] = [{"text": t} for t in run.train_texts]
+    batches: Any = collate
+    if d.cache_dir is not None:  # the teacher's top-k over its own tokens, from disk
+        assert run.teacher is not None  # alpha > 0: the config validation guarantees it
+        teacher_ids = [collate.tokens(t)[1].input_ids for t in run.train_texts]
+        cache, info["teacher_cache"] = _teacher_topk_cache(
+            cfg,
+            run.teacher,
+            teacher_ids,
+            teacher_tokenizer.pad_token_id,
+            run.device,
+            teacher_tokenizer,
+        )
+        examples = [{"text": t, "row": i} for i, t in enumerate(run.train_texts)]
+        batches = _CrossTopKCollator(collate, cache)
+        cached = _CachedTeacherLoss(loss, vocab.teacher_vocab)
+        kd = LossTerm("kd", cached, weight=d.alpha, teacher=TOPK)
+    loader = run.shuffled(examples, batches)
     teacher_eval = None if teacher_tokenizer is run.tokenizer else _teacher_eval_loader(run)
     return LMObjective(_kd_and_ce(cfg, kd), loader, run.causal_eval_loader(), info, teacher_eval)
+
+
+@dataclass
+class _CrossTopKCollator:
+    """Cross-tokenizer batches with the cached teacher rows of their texts (``row``) attached
+    as ``teacher.topk``, cut to the batch's teacher positions."""
+
+    collate: CrossTokenizerCollator
+    cache: TeacherCache
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        rows = torch.tensor([x["row"] for x in examples])
+        width = batch["teacher_inputs"]["input_ids"].shape[1]  # <= the cached rows' width
+        batch[TEACHER_PREFIX + TOPK] = pack_topk(
+            self.cache[TOPK_VALUES][rows][:, :width],
+            self.cache[TOPK_INDICES][rows][:, :width],
+            self.cache[REST_LOG_MASS][rows][:, :width],
+        )
+        return batch
+
+
+class _CachedTeacherLoss(nn.Module):
+    """A cross-tokenizer loss (:class:`ULDLoss`, :class:`HybridULDLoss`) against a cached
+    top-k teacher: the batch's packed rows ``(B, T_t, 2k + 1)`` (:func:`pack_topk`) read as a
+    :class:`~kdistill.lm.cross_tokenizer.TopKTeacher` over the teacher's ``vocab_size`` ids,
+    i.e. the top-k distribution renormalised (the rest mass is not used)."""
+
+    batch_keys = ("alignment",)
+
+    def __init__(self, loss: nn.Module, vocab_size: int) -> None:
+        super().__init__()
+        self.loss = loss
+        self.vocab_size = vocab_size
+
+    def forward(self, student_logits: Tensor, packed: Tensor, alignment: Any) -> Tensor:
+        values, ids, _ = unpack_topk(packed)  # (B, T_t, k), (B, T_t, k)
+        return self.loss(student_logits, TopKTeacher(values, ids, self.vocab_size), alignment)
 
 
 def _logits_size(model: nn.Module | None, tokenizer: Any, key: str) -> int:
