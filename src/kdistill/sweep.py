@@ -26,10 +26,11 @@ sweep folder then holds
   paired test-accuracy difference to the first point (the baseline, if listed first),
 - ``sweep.json`` — every run's figures,
 - ``heatmap.png`` — for a two-key product grid (needs matplotlib),
+- ``seeds.png`` — with several seeds: test accuracy per point, each seed a dot, mean ± std,
 - ``best.yaml`` — the config with the best point's values, ready for ``kdistill run``.
 
-``name`` other than ``sweep`` writes ``<name>.md``, ``<name>.json``, ``<name>-heatmap.png``
-and ``<name>-best.yaml`` instead, so that a second sweep in the same folder (e.g. the final
+``name`` other than ``sweep`` writes ``<name>.md``, ``<name>.json``, ``<name>-heatmap.png``,
+``<name>-seeds.png`` and ``<name>-best.yaml`` instead, so that a second sweep in the same folder (e.g. the final
 seeds of the chosen point next to the baseline, reusing finished runs with ``resume``) keeps
 the first one's files.
 """
@@ -551,19 +552,42 @@ def accuracy_grid(result: SweepResult, grid: Grid) -> list[list[float]]:
     return [[by_key.get((r, c), math.nan) for c in cols] for r in rows]
 
 
+def spread_plot(result: SweepResult, path: str | Path, name: str = "test_accuracy") -> Path:
+    """Accuracy per point: every seed as a dot, the mean as a bar with ± std whiskers."""
+    from kdistill import plots
+
+    plt = plots.pyplot()
+    labels = [p.label for p in result.points]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(labels) + 2), 4))
+    for x, point in enumerate(result.points):
+        values = [100 * v for v in point.metric(name)]
+        color = "#dd8452" if point in result.ties else "#8c8c8c"
+        ax.errorbar(
+            [x],
+            [statistics.fmean(values)],
+            yerr=[100 * point.std(name)],
+            fmt="_",
+            ms=18,
+            color=color,
+            capsize=4,
+            zorder=2,
+        )
+        ax.scatter([x] * len(values), values, s=18, color=color, alpha=0.7, zorder=3)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    seeds = max(len(p.runs) for p in result.points)
+    ax.set(ylabel=f"{name.replace('_', ' ')} (%)", title=f"{seeds} seeds per point; mean ± std")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return plots._save(fig, path)
+
+
 def _file(root: Path, name: str, kind: str) -> Path:
-    default = {"md": "sweep.md", "json": "sweep.json", "png": "heatmap.png", "yaml": "best.yaml"}
-    if name == "sweep":
-        return root / default[kind]
-    return (
-        root
-        / {
-            "md": f"{name}.md",
-            "json": f"{name}.json",
-            "png": f"{name}-heatmap.png",
-            "yaml": f"{name}-best.yaml",
-        }[kind]
-    )
+    suffix = {"md": ".md", "json": ".json", "png": "-heatmap.png", "seeds": "-seeds.png"}
+    suffix["yaml"] = "-best.yaml"
+    if name == "sweep":  # the names sweeps always had
+        default = {"png": "heatmap.png", "seeds": "seeds.png", "yaml": "best.yaml"}
+        return root / default.get(kind, f"sweep{suffix[kind]}")
+    return root / f"{name}{suffix[kind]}"
 
 
 def _write_outputs(
@@ -608,6 +632,12 @@ def _write_outputs(
             text += f"\n![{k1} × {k2} heatmap]({heatmap.name})\n"
         except ImportError as err:
             result.notes.append(f"heatmap skipped: {err}")
+    if max(len(p.runs) for p in result.points) > 1:
+        try:
+            result.files["seeds"] = spread_plot(result, _file(root, name, "seeds"))
+            text += f"\n![test accuracy per seed]({result.files['seeds'].name})\n"
+        except ImportError as err:
+            result.notes.append(f"seed plot skipped: {err}")
     for note in result.notes:
         text += f"\nNote: {note}.\n"
     result.files["table"] = atomic_write_text(_file(root, name, "md"), text)

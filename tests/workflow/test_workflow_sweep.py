@@ -187,6 +187,8 @@ def test_sweep_of_a_term_weight_over_seeds_selects_on_validation(
     assert means[result["best"]] == max(means.values())
     table = (root / "sweep.md").read_text()
     assert "chosen on val accuracy" in table and "test Δ vs weight0 (paired)" in table
+    seeds_png = (root / "seeds.png").read_bytes()  # each seed a dot, mean ± std per point
+    assert seeds_png[:4] == b"\x89PNG" and "![test accuracy per seed](seeds.png)" in table
     best = load_config(root / "best.yaml")  # a valid config for kdistill run
     assert best.distill.terms[1].weight == float(result["best"].removeprefix("weight"))
     assert best.output_dir == str(root / "best") and best.data.val_size == 64
