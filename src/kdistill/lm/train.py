@@ -39,6 +39,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1217,7 +1218,9 @@ def _prepare_student(cfg: LMModelConfig, student: nn.Module) -> nn.Module:
     """LoRA adapters (``student.lora``, :func:`kdistill.lm.lora.apply_lora`: the student's
     own weights frozen) and gradient checkpointing (``student.gradient_checkpointing``)."""
     if cfg.lora is not None:
-        student = apply_lora(student, cfg.lora)
+        with warnings.catch_warnings():  # peft asks transformers 5's deprecated property
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            student = apply_lora(student, cfg.lora)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     return student
