@@ -595,6 +595,7 @@ from kdistill.lm.divergences import (  # noqa: E402
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CHUNK_ELEMENTS,
     _chunk_rows,
+    release_workspace,
 )
 
 
@@ -603,7 +604,7 @@ def test_default_chunk_comes_from_a_32_mib_budget_not_a_fixed_row_count() -> Non
     assert DEFAULT_CHUNK_BYTES == 32 * 2**20
     assert DEFAULT_CHUNK_ELEMENTS // 49152 == 341  # the old default, for reference
     assert _chunk_rows(None, 49152, working_set=_WORKING_SET["jsd"]) == 42  # 32 MiB / (4·V·4 B)
-    assert _chunk_rows(None, 49152, working_set=3.5) == 48
+    assert _chunk_rows(None, 49152, working_set=_WORKING_SET["forward_kl"]) == 56
     assert _chunk_rows(None, 151936, working_set=4.0) == 13
     assert _chunk_rows(None, 49152, working_set=4.0, itemsize=8) == 21  # float64 halves it
     assert _chunk_rows(None, 49152, chunk_bytes=1 << 20, working_set=4.0) == 1  # at least 1
@@ -617,6 +618,7 @@ def _peak_working_bytes(kind: str, *, n: int, v: int, chunk_bytes: int, **kwargs
     teacher_grad = kwargs.pop("teacher_grad", False)
     s, t = _pair((n, v), seed=40, dtype=torch.float32)
     s, t = s.to(dtype).requires_grad_(), t.to(dtype).requires_grad_(teacher_grad)
+    release_workspace()  # count every chunk buffer, none left over from earlier calls
     with PeakTensorBytes() as memory:
         loss = token_divergence(s, t, kind, chunk_bytes=chunk_bytes, **kwargs)
     loss.backward()
@@ -708,3 +710,29 @@ def test_module_passes_chunk_bytes_and_shows_it() -> None:
     assert "chunk_bytes=1048576" in repr(loss)
     s, t = _pair((3, 5, 7), seed=42)
     torch.testing.assert_close(loss(s, t), token_divergence(s, t, "jsd", chunk_bytes=1 << 20))
+
+
+def test_chunk_buffers_are_reused_across_calls_and_released_on_request() -> None:
+    """A second step allocates no (rows, V) buffer: no page faults from re-allocation."""
+    n, v = 48, 1024
+    s, t = _pair((n, v), seed=43, dtype=torch.float32)
+    labels = torch.arange(n) % 6
+    labels[::5] = -100
+    budget = 4 * 8 * v * 4
+    release_workspace()
+    first = []
+    for _ in range(2):
+        leaf = s.clone().requires_grad_()
+        with PeakTensorBytes() as memory:
+            loss = token_divergence(leaf, t, "jsd", labels=labels, chunk_bytes=budget)
+        loss.backward()
+        first.append((memory.peak - n * v * 4, loss.detach(), leaf.grad))
+    (peak_1, loss_1, grad_1), (peak_2, loss_2, grad_2) = first
+    assert peak_1 > 3 * 8 * v * 4  # the first call fills the pool
+    assert peak_2 < 8 * v * 4  # the second reuses it: less than one chunk buffer is new
+    assert torch.equal(loss_1, loss_2) and torch.equal(grad_1, grad_2)
+    release_workspace()
+    leaf = s.clone().requires_grad_()
+    with PeakTensorBytes() as memory:
+        token_divergence(leaf, t, "jsd", labels=labels, chunk_bytes=budget).backward()
+    assert memory.peak - n * v * 4 > 3 * 8 * v * 4  # released: allocated again

@@ -355,7 +355,7 @@ def test_fused_module_equals_function() -> None:
 from live_tensor_memory import PeakTensorBytes  # noqa: E402  (tests/lm helper)
 
 from kdistill.cache import topk_log_probs  # noqa: E402
-from kdistill.lm.divergences import _WORKING_SET  # noqa: E402
+from kdistill.lm.divergences import _WORKING_SET, release_workspace  # noqa: E402
 from kdistill.lm.fused import (  # noqa: E402
     FusedTopKDivergenceLoss,
     causal_lm_head_inputs,
@@ -449,6 +449,7 @@ def test_teacher_head_path_under_cpu_bfloat16_autocast_matches_the_plain_path() 
 
 def _fused_peak(fn, n: int, hid: int, v: int) -> int:
     """Peak bytes created by ``fn()`` (forward with grad) minus the stored ∂h and ∂W."""
+    release_workspace()  # count every chunk buffer, none left over from earlier calls
     with PeakTensorBytes() as memory:
         loss = fn()
     loss.backward()

@@ -43,7 +43,7 @@ for Hinton's convention.
 
 Memory: :func:`token_divergence` walks the tokens in chunks of rows sized by a byte budget
 ``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`, 32 MiB) over the vocabulary size, the
-compute dtype and the number of ``(rows, V)`` tensors the kind holds at once (3.5–4, computed in
+compute dtype and the number of ``(rows, V)`` tensors the kind holds at once (3–4, computed in
 place wherever the algebra allows), or of ``chunk_size`` rows when given. For
 each chunk it upcasts to float32, computes the divergence and — in the forward pass,
 the trick of Liger-Kernel's chunked losses — its gradient wrt the student logits (and
@@ -75,6 +75,7 @@ vocabulary sizes are handled by :func:`kdistill.lm.vocab.shared_vocab_size`.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,7 @@ __all__ = [
     "IGNORE_INDEX",
     "KINDS",
     "TokenDivergenceLoss",
+    "release_workspace",
     "token_divergence",
     "token_divergence_reference",
 ]
@@ -104,8 +106,9 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 32 << 20
 """Default working-memory budget of one chunk (32 MiB): ``chunk_size=None`` takes
 ``max(1, chunk_bytes // (w · V · itemsize))`` token rows per chunk, ``w`` being the number of
-``(rows, V)`` compute-dtype tensors the kind holds at once (:data:`_WORKING_SET`, 3.5–4), e.g.
-42 rows of JSD for a 49,152-token vocabulary in float32, 13 rows for 151,936 ids."""
+``(rows, V)`` compute-dtype tensors the kind holds at once (:data:`_WORKING_SET`, 3–4; 1.5
+more for half-precision inputs), e.g. 42 rows of JSD for a 49,152-token vocabulary in float32,
+13 rows for 151,936 ids."""
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 """The fixed default of earlier versions (``chunk_size = DEFAULT_CHUNK_ELEMENTS // V`` rows,
@@ -305,13 +308,74 @@ def _per_token(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
     raise AssertionError(kind)  # pragma: no cover - _resolve rejects other kinds
 
 
+# --------------------------------------------------------------------------- chunk buffers
+
+
+class _Workspace(threading.local):
+    """Per-thread pool of ``(rows, V)`` chunk buffers, reused across chunks and calls."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
+
+
+_WORKSPACE = _Workspace()
+_MAX_POOLED = 8  # buffers kept per (device, dtype, V); the kinds need at most 5 at once
+
+
+def _is_free(buffer: Tensor) -> bool:
+    # the pool's own reference + the temporary storage object of this call: nobody else
+    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2
+
+
+def _scratch(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised ``(rows, vocab)`` tensor from the pool of chunk buffers.
+
+    A chunk's working tensors are the same few sizes every chunk and every step; allocated
+    fresh, each one larger than the allocator's cache (glibc keeps at most 32 MiB blocks and
+    trims the heap) costs page faults every time. A pooled buffer is handed out again once no
+    tensor refers to its storage any more (so a buffer still in use is never reused), and is
+    kept between calls: at most :data:`DEFAULT_CHUNK_BYTES`-ish per thread, device and dtype,
+    freed by :func:`release_workspace`.
+    """
+    pool = _WORKSPACE.pools.setdefault((device, dtype, vocab), [])
+    for buffer in pool:
+        if buffer.shape[0] >= rows and _is_free(buffer):
+            return buffer[:rows]
+    pool[:] = [b for b in pool if not (_is_free(b) and b.shape[0] < rows)][: _MAX_POOLED - 1]
+    with torch.inference_mode(False):  # usable outside an inference_mode block later
+        buffer = torch.empty(rows, vocab, dtype=dtype, device=device)
+    pool.append(buffer)
+    return buffer[:rows]
+
+
+def release_workspace() -> None:
+    """Free the chunk buffers the LM divergences keep between calls (this thread's)."""
+    _WORKSPACE.pools.clear()
+
+
+def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A pooled buffer shaped like the ``(n, V)`` tensor ``x``."""
+    return _scratch(x.shape[0], x.shape[1], dtype or x.dtype, x.device)
+
+
 def _log_probs(x: Tensor, dtype: torch.dtype, temperature: float, owned: bool) -> Tensor:
     """``log softmax(x / T)`` ``(n, V)`` in ``dtype``; divides ``x`` in place when ``owned``."""
     if x.dtype != dtype:
-        x, owned = x.to(dtype), True
+        x, owned = _like(x, dtype).copy_(x), True
     if temperature != 1.0:
-        x = x.div_(temperature) if owned else x / temperature
-    return torch.log_softmax(x, dim=-1)
+        x = x.div_(temperature) if owned else torch.div(x, temperature, out=_like(x))
+    return torch.log_softmax(x, dim=-1, out=_like(x))
+
+
+def _exp(x: Tensor) -> Tensor:
+    return torch.exp(x, out=_like(x))
+
+
+def _take_rows(x: Tensor, start: int, stop: int, idx: Tensor | None) -> Tensor:
+    """Rows ``start:stop`` of ``(N, V)`` ``x`` (a view), or rows ``idx`` (into a buffer)."""
+    if idx is None:
+        return x[start:stop]
+    return torch.index_select(x, 0, idx, out=_scratch(idx.numel(), x.shape[1], x.dtype, x.device))
 
 
 def _zero_where_absent(d: Tensor) -> Tensor:
@@ -327,7 +391,9 @@ def _zero_where_absent(d: Tensor) -> Tensor:
 def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     """``log(w · a + (1 − w) · b)`` for ``0 < w < 1``: one new ``(n, V)`` tensor, log space."""
     c = math.log1p(-w) - math.log(w)
-    out = torch.logaddexp(log_a, log_b + c) if c != 0.0 else torch.logaddexp(log_a, log_b)
+    shifted = torch.add(log_b, c, out=_like(log_b)) if c != 0.0 else log_b
+    out = torch.logaddexp(log_a, shifted, out=_like(log_a))
+    del shifted
     return out.add_(math.log(w))
 
 
@@ -349,7 +415,7 @@ _Grads = tuple[Tensor, Tensor | None, Tensor | None]
 def _grads_forward_kl(pair: list[Tensor], w: float, ns: bool, nt: bool, f: float) -> _Grads:
     lq, lp = pair
     pair.clear()
-    p = lp.exp()
+    p = _exp(lp)
     e = _zero_where_absent(lp.sub_(lq)).mul_(p)  # p ⊙ (log p − log q)
     row = e.sum(dim=-1, keepdim=True)
     gb = _centre_(e, p).mul_(f) if nt else None  # p ⊙ (D − KL)
@@ -361,7 +427,7 @@ def _grads_forward_kl(pair: list[Tensor], w: float, ns: bool, nt: bool, f: float
 def _grads_reverse_kl(pair: list[Tensor], w: float, ns: bool, nt: bool, f: float) -> _Grads:
     lq, lp = pair
     pair.clear()
-    q = lq.exp()
+    q = _exp(lq)
     e = _zero_where_absent(lq.sub_(lp)).mul_(q)  # q ⊙ (log q − log p)
     row = e.sum(dim=-1, keepdim=True)
     gb = lp.exp_().sub_(q).mul_(f) if nt else None  # p − q
@@ -373,12 +439,12 @@ def _grads_jsd(pair: list[Tensor], beta: float, ns: bool, nt: bool, f: float) ->
     lq, lp = pair
     pair.clear()
     log_m = _log_mix(lp, lq, beta)  # m = β p + (1 − β) q
-    p = lp.exp()
+    p = _exp(lp)
     e = _zero_where_absent(lp.sub_(log_m)).mul_(p)  # p ⊙ (log p − log m)
     kl_p = e.sum(dim=-1, keepdim=True)
     gb = _centre_(e, p).mul_(beta * f) if nt else None
     del e, p, lp
-    q = lq.exp()
+    q = _exp(lq)
     e = _zero_where_absent(lq.sub_(log_m)).mul_(q)  # q ⊙ (log q − log m)
     del log_m
     kl_q = e.sum(dim=-1, keepdim=True)
@@ -391,7 +457,7 @@ def _grads_skew_kl(pair: list[Tensor], alpha: float, ns: bool, nt: bool, f: floa
     pair.clear()
     log_m = _log_mix(lp, lq, alpha)  # m = α p + (1 − α) q
     q = lq.exp_()
-    p = lp.exp()
+    p = _exp(lp)
     d = lp.sub_(log_m)  # log p − log m
     r = torch.exp(d, out=log_m).nan_to_num_(nan=0.0)  # p / m ≤ 1 / α, 0 where p = m = 0
     e = _zero_where_absent(d).mul_(p)
@@ -414,7 +480,7 @@ def _grads_skew_reverse_kl(
     log_m = _log_mix(lq, lp, alpha)  # m = α q + (1 − α) p
     p = lp.exp_() if nt else None
     del lp
-    q = lq.exp()
+    q = _exp(lq)
     d = lq.sub_(log_m)  # log q − log m
     u = torch.exp(d, out=log_m).nan_to_num_(nan=0.0)  # q / m ≤ 1 / α
     e = _zero_where_absent(d).mul_(q)
@@ -433,10 +499,12 @@ def _grads_tv(pair: list[Tensor], w: float, ns: bool, nt: bool, f: float) -> _Gr
     lq, lp = pair
     pair.clear()
     q, p = lq.exp_(), lp.exp_()
-    diff = torch.sub(p, q) if nt else p.sub_(q)
+    diff = torch.sub(p, q, out=_like(p)) if nt else p.sub_(q)
     row = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1, keepdim=True)
     sign = diff.sign_()  # σ = ½ sign(p − q); the ½ goes into the factors
-    gb = _centre_(torch.mul(p, sign), p).mul_(0.5 * f) if nt else None  # p ⊙ (σ − ⟨p, σ⟩)
+    gb = (
+        _centre_(torch.mul(p, sign, out=_like(p)), p).mul_(0.5 * f) if nt else None
+    )  # p ⊙ (σ − ⟨p, σ⟩)
     ga = _centre_(sign.mul_(q), q).mul_(-0.5 * f) if ns else None  # −q ⊙ (σ − ⟨q, σ⟩)
     return row, ga, gb
 
@@ -451,17 +519,26 @@ _GRADS = {
 }
 
 _WORKING_SET: dict[str, float] = {
-    "forward_kl": 3.5,  # 3 for float32 chunks; a half chunk's float32 copy adds 0.5
-    "reverse_kl": 3.5,
+    "forward_kl": 3.0,
+    "reverse_kl": 3.0,
     "jsd": 4.0,
     "skew_kl": 4.0,
     "skew_reverse_kl": 4.0,
     "tv": 4.0,
 }
-"""Peak number of compute-dtype ``(rows, V)`` tensors alive at once in
+"""Peak number of compute-dtype ``(rows, V)`` chunk buffers in use at once in
 :func:`_value_and_grads` (forward with gradients, incl. the upcast / tempered copies of the
-inputs and the chunks themselves when fresh), the unit ``chunk_bytes`` is divided by;
+inputs and the chunks themselves when gathered), the unit ``chunk_bytes`` is divided by;
 tests/lm/test_lm_divergences.py measures it for every kind."""
+
+_HALF_EXTRA = 1.5
+"""Added to :data:`_WORKING_SET` for half-precision inputs: the gathered half chunks of
+both models and the half copy of a gradient chunk."""
+
+
+def _working_set(kind: str, input_dtype: torch.dtype, compute_dtype: torch.dtype) -> float:
+    extra = _HALF_EXTRA if input_dtype.itemsize < compute_dtype.itemsize else 0.0
+    return _WORKING_SET[kind] + extra
 
 
 def _value_and_grads(
@@ -501,8 +578,12 @@ def _value_and_grads(
     dtype = _compute_dtype(student, teacher)
     temperature = spec.temperature
     if spec.kind == "reverse_kl":  # renormalise q over the teacher's support
-        student = student.masked_fill(teacher == -math.inf, -math.inf)
-        owned_student = True
+        off = teacher == -math.inf
+        if not owned_student or student.dtype != dtype:
+            student = _like(student, dtype).copy_(student)
+            owned_student = True
+        student = student.masked_fill_(off, -math.inf)
+        del off
     log_q = _log_probs(student, dtype, temperature, owned_student)  # (n, V)
     del student
     log_p = _log_probs(teacher, dtype, temperature, owned_teacher)  # (n, V)
@@ -555,8 +636,8 @@ def _chunked(
         stop = min(start + chunk, count)
         idx = None if rows is None else rows[start:stop]
         value, g_s, g_t = _value_and_grads(  # chunks passed inline: freed inside once used
-            student[start:stop] if idx is None else student.index_select(0, idx),
-            teacher[start:stop] if idx is None else teacher.index_select(0, idx),
+            _take_rows(student, start, stop, idx),
+            _take_rows(teacher, start, stop, idx),
             spec,
             need_student,
             need_teacher,
@@ -684,7 +765,7 @@ def token_divergence(
         chunk_bytes: working-memory budget of one chunk in bytes (default
             :data:`DEFAULT_CHUNK_BYTES`, 32 MiB): the rows per chunk are
             ``chunk_bytes // (w · V · itemsize)`` with ``w`` the kind's number of
-            ``(rows, V)`` compute-dtype tensors alive at once (3 or 4). Not with ``chunk_size``.
+            ``(rows, V)`` compute-dtype tensors alive at once (3–4; +1.5 for half inputs). Not with ``chunk_size``.
 
     Returns:
         0-dim tensor in the compute dtype (float32 for half inputs, float64 for float64).
@@ -700,12 +781,14 @@ def token_divergence(
     _check_reduction(reduction)
     _check_chunking(chunk_size, chunk_bytes)
     s, t, keep = _prepare(student_logits, teacher_logits, labels, ignore_index, mask, allow_padded)
+    dtype = _compute_dtype(s, t)
+    low = s.dtype if s.dtype.itemsize <= t.dtype.itemsize else t.dtype
     chunk = _chunk_rows(
         chunk_size,
         s.shape[-1],
         chunk_bytes=chunk_bytes,
-        working_set=_WORKING_SET[spec.kind],
-        itemsize=_compute_dtype(s, t).itemsize,
+        working_set=_working_set(spec.kind, low, dtype),
+        itemsize=dtype.itemsize,
     )
     rows, count = _rows(keep, s.shape[0])
     normaliser = float(max(count, 1)) if reduction == "mean" else 1.0

@@ -52,8 +52,11 @@ from kdistill.lm.divergences import (
     _resolve,
     _rows,
     _scale_grad,
+    _scratch,
     _Spec,
+    _take_rows,
     _value_and_grads,
+    _working_set,
 )
 from kdistill.lm.vocab import shared_vocab_size
 from kdistill.losses._reduce import _compute_dtype
@@ -73,9 +76,15 @@ their gradient, and a half-precision copy of them for a half weight (checked by 
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x Wᵀ + b`` ``(n, V)``, into a pooled chunk buffer unless autocast picks the dtype."""
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
-    return F.linear(x, weight, bias)
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)  # autocast's dtype, as the unfused lm_head would
+    out = _scratch(x.shape[0], weight.shape[0], weight.dtype, x.device)
+    if bias is None:
+        return torch.mm(x, weight.T, out=out)
+    return torch.addmm(bias, x, weight.T, out=out)
 
 
 def _teacher_chunk(
@@ -89,7 +98,7 @@ def _teacher_chunk(
 ) -> Tensor:
     """The teacher's logits ``(n, V)`` of one chunk: sliced, or projected from its head."""
     if logits is not None:
-        return logits[start:stop] if idx is None else logits.index_select(0, idx)
+        return _take_rows(logits, start, stop, idx)
     assert hidden is not None and weight is not None
     h_c = hidden[start:stop] if idx is None else hidden.index_select(0, idx)
     return _linear(h_c, weight, bias)
@@ -359,12 +368,16 @@ def fused_linear_divergence(
     rows, count = _rows(keep, hidden.shape[0])
     teacher_ref = teacher_logits if teacher_logits is not None else teacher_weight
     assert teacher_ref is not None
+    dtype = _compute_dtype(hidden, student_weight, teacher_ref)
+    low = min((student_weight.dtype, teacher_ref.dtype), key=lambda d: d.itemsize)
+    if torch.is_autocast_enabled(hidden.device.type):  # the heads project in half precision
+        low = torch.get_autocast_dtype(hidden.device.type)
     chunk = _chunk_rows(
         chunk_size,
         vocab,
         chunk_bytes=chunk_bytes,
-        working_set=_WORKING_SET[spec.kind],
-        itemsize=_compute_dtype(hidden, student_weight, teacher_ref).itemsize,
+        working_set=_working_set(spec.kind, low, dtype),
+        itemsize=dtype.itemsize,
     )
     normaliser = float(max(count, 1)) if reduction == "mean" else 1.0
     args = (
