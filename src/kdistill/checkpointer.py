@@ -336,9 +336,11 @@ class Checkpointer:
                 float(p["elapsed_s"]),
             )
         self.step_log.restore(epoch * self.steps_per_epoch + step)
-        if self.verbose:
-            where = f"epoch {epoch}" + (f", step {step}" if step else "")
-            print(f"resumed from {folder} ({where})")
+        if self.verbose:  # epoch-0001-step-000040: 1 whole epoch and 40 steps of epoch 2 done
+            where = f"{epoch} whole epoch{'s' * (epoch != 1)} done" + (
+                f" and {step} steps of epoch {epoch + 1}" if step else ""
+            )
+            print(f"resumed from {folder} ({where}; continuing in epoch {epoch + 1})")
         state = TrainState(
             epoch,
             step,

@@ -9,10 +9,12 @@ ONNX) and ``predict``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from kdistill.config import ConfigError, load_config
+from kdistill.config import ConfigError, load_config, read_config_file
 from kdistill.plots import PlotsUnavailable
 from kdistill.trainer import ResumeError
 
@@ -20,14 +22,18 @@ from kdistill.trainer import ResumeError
 def _run(args: argparse.Namespace) -> int:
     from kdistill.experiment import run_experiment
     from kdistill.schemes.__main__ import main as scheme_main
-    from kdistill.schemes.config import has_scheme
+    from kdistill.schemes.config import has_scheme, load_scheme_config
 
+    read_config_file(args.config, args.set)  # a missing, non-UTF-8 or non-YAML file: one line
     if has_scheme(args.config):  # online, self-distillation, EMA, multi-teacher, unlabelled
+        scheme_cfg, _ = load_scheme_config(args.config, args.set)
+        _prepare_output(args, scheme_cfg.output_dir)
         overrides = [arg for item in args.set for arg in ("--set", item)]
         return scheme_main(["run", args.config, *overrides, *(["--resume"] * args.resume)])
     if _dense_task(args.config) is not None:  # task: detection | segmentation
         return _run_dense(args)
     cfg = load_config(args.config, args.set)
+    _prepare_output(args, cfg.output_dir)
     result = run_experiment(cfg, resume=args.resume)
     student = result.summary["student"]
     print(
@@ -80,7 +86,8 @@ def _check_local_models(cfg: object) -> None:
         if isinstance(path, str) and path and not Path(path).expanduser().exists():
             raise ConfigError(
                 f"{key}.path: {path} does not exist; give the folder of a Hugging Face model "
-                "(config.json + weights), relative to the config file's folder"
+                "(config.json + weights): a path in the file is relative to the file's folder, "
+                "one given with --set to the working directory"
             )
 
 
@@ -88,7 +95,10 @@ def _lm(args: argparse.Namespace) -> int:
     from kdistill.lm.config import load_lm_config
     from kdistill.lm.train import run_lm
 
-    result = run_lm(load_lm_config(args.config, args.set), resume=args.resume)
+    cfg = load_lm_config(args.config, args.set)
+    _check_local_models(cfg)
+    _prepare_output(args, cfg.output_dir)
+    result = run_lm(cfg, resume=args.resume)
     student, teacher = result.summary["student"], result.summary["teacher"]
     versus = f"; teacher {teacher['eval']['perplexity']:.2f}" if teacher else ""
     print(
@@ -249,7 +259,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdistill", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kdistill",
+        description=__doc__,
+        epilog=f"Errors you can fix are one message and exit code 2; add {TRACEBACK_FLAG} "
+        f"(anywhere) or set {DEBUG_ENV}=1 to see the stack trace for a bug report.",
+    )
+    parser.add_argument(TRACEBACK_FLAG, action="store_true", help="show the stack of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train from a YAML config")
@@ -264,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
     )
+    run.add_argument("--overwrite", action="store_true", help="delete a non-empty output_dir first")
     run.set_defaults(func=_run)
 
     lm = sub.add_parser(
@@ -280,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
     )
+    lm.add_argument("--overwrite", action="store_true", help="delete a non-empty output_dir first")
     lm.set_defaults(func=_lm)
 
     generate = sub.add_parser(
@@ -408,13 +426,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_message(err: BaseException) -> str | None:
+    """The message for an error a user caused (config, data, files, disk) and can fix, or
+    ``None`` for anything else (a bug: the stack trace is shown)."""
+    from kdistill.export import ExportError
+    from kdistill.rundir import describe_os_error
+
+    if isinstance(err, (ConfigError, ResumeError, PlotsUnavailable, ExportError)):
+        return str(err)
+    if isinstance(err, FloatingPointError):  # non-finite loss/gradients/teacher: says where
+        return str(err)
+    if isinstance(err, FileNotFoundError) and err.filename is None:
+        return str(err)  # our own "... not found; looked at ..." messages
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    if isinstance(err, UnicodeDecodeError):
+        return (
+            f"a file is not valid UTF-8 (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}): save it as UTF-8 (run again with --traceback to see which file)"
+        )
+    return None
+
+
+TRACEBACK_FLAG = "--traceback"
+DEBUG_ENV = "KDISTILL_DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; errors a user can fix end with one message on stderr and exit code 2
+    (``--traceback`` anywhere on the line, or ``KDISTILL_DEBUG=1``, shows the stack instead)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = TRACEBACK_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != TRACEBACK_FLAG]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, ResumeError, FileNotFoundError, PlotsUnavailable) as err:
-        print(f"kdistill: error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = None if debug else user_error_message(err)
+        if message is None:
+            raise
+        print(f"kdistill: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,12 +53,36 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
+BUILTIN_DATA = ("fashion_mnist", "cifar10", "cifar100")
+"""Data sets kdistill knows by name (standard files, fixed statistics)."""
+
+
 @dataclass
 class DataConfig:
-    """Which data set, how much of it, and how it is batched."""
+    """Which data set, how much of it, and how it is batched.
 
-    name: Literal["fashion_mnist", "cifar10", "cifar100"] = "fashion_mnist"
-    root: str | None = None  # folder holding the data set's standard files; else the lookup
+    Besides the built-in sets, ``image_folder`` (``root/<class>/<image>``, or ``root/train/``
+    and ``root/test/``), ``npz`` (a ``.npz`` file or a folder of ``.npy`` files: ``x_train``,
+    ``y_train``, ``x_test``, ``y_test`` or ``images``, ``labels``) and ``factory`` (``factory:
+    package.module:function`` called with ``kwargs``) read your own data; see
+    :mod:`kdistill.data.custom`. ``image_size``, ``channels``, ``test_fraction``, ``mean``,
+    ``std``, ``factory`` and ``kwargs`` apply to those only.
+    """
+
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "image_folder", "npz", "factory"] = (
+        "fashion_mnist"
+    )
+    # folder (or .npz file) of the data; a built-in set is then read from there only. Relative
+    # paths: the working directory first, then the config file's folder.
+    root: str | None = None
+    factory: str | None = None  # package.module:function returning (train, test) datasets
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
+    image_size: list[int] | None = None  # [height, width] (or [side]) every image is resized to
+    channels: int | None = None  # 1 (grayscale) or 3 (RGB); default: the first image's
+    test_fraction: float = 0.2  # held out per class when the source has no test split
+    normalize: bool = True  # standardise with mean/std (built-in sets: their fixed statistics)
+    mean: list[float] | None = None  # per channel; null: computed on the training split
+    std: list[float] | None = None
     train_subset: int | None = None  # stratified subset of the training set
     test_subset: int | None = None
     batch_size: int = 128  # the global batch: split across processes under torchrun
@@ -256,14 +281,24 @@ class ExperimentConfig:
 def read_config_file(
     path: str | Path, overrides: list[str] | tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """The plain data of a YAML config file with ``key.sub=value`` overrides applied."""
+    """The plain data of a YAML config file with ``key.sub=value`` overrides applied.
+
+    Also puts the file's folder and the working directory on ``sys.path``
+    (:func:`add_import_dirs`), so that ``package.module:Name`` references in the file import.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = parse_yaml(path.read_text()) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not valid UTF-8 (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save the file as UTF-8"
+        ) from None
+    add_import_dirs(path.expanduser().absolute().parent, Path.cwd())
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
@@ -272,8 +307,33 @@ def read_config_file(
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML file, apply ``key.sub=value`` overrides, and validate."""
-    return config_from_dict(read_config_file(path, overrides))
+    """Read a YAML file, apply ``key.sub=value`` overrides, and validate.
+
+    The file's folder and the working directory are put on ``sys.path``, so that a
+    ``model: my_models:Student`` or ``data.factory: my_data:load`` next to the config imports
+    without setting ``PYTHONPATH``; the folder is also where a relative ``data.root`` is looked
+    for when the working directory lacks it (:func:`config_dir`).
+    """
+    cfg = config_from_dict(read_config_file(path, overrides))
+    object.__setattr__(cfg, CONFIG_DIR, Path(path).expanduser().absolute().parent)
+    return cfg
+
+
+CONFIG_DIR = "_config_dir"
+"""Attribute of a config loaded from a file: the file's folder."""
+
+
+def config_dir(cfg: Any) -> Path | None:
+    """The folder of the file ``cfg`` was loaded from (``None`` for a config built in Python)."""
+    return getattr(cfg, CONFIG_DIR, None)
+
+
+def add_import_dirs(*folders: str | Path) -> None:
+    """Put ``folders`` on ``sys.path`` (at the end, once each) so user modules there import."""
+    for folder in folders:
+        entry = str(Path(folder).expanduser().absolute())
+        if entry not in sys.path:
+            sys.path.append(entry)
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:

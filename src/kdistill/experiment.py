@@ -38,15 +38,17 @@ from kdistill.config import (
     ExperimentConfig,
     ModelConfig,
     TermConfig,
+    config_dir,
     given_keys,
 )
-from kdistill.data import fashion_mnist_dataset, stratified_indices, train_val_indices
-from kdistill.data.cifar import CIFAR_STATS, cifar_dataset, random_crop_flip
+from kdistill.data import stratified_indices, train_val_indices
+from kdistill.data.cifar import CIFAR_STATS, random_crop_flip
 from kdistill.data.loader import TensorBatchLoader, random_shift_flip
+from kdistill.data.sources import data_record, load_split
 from kdistill.distiller import AUTO, LOGITS, Distiller, LossTerm, probe_shapes
 from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy
 from kdistill.losses.registry import LOSSES
-from kdistill.models import build_model, count_parameters
+from kdistill.models import build_model, count_parameters, import_dirs
 from kdistill.runtime import build_trainer, start_run
 from kdistill.trainer import TEACHER_PREFIX, FitResult, evaluate
 
@@ -74,23 +76,135 @@ def resolve_checkpoint(spec: str) -> Path:
 
 
 def load_model(cfg: ModelConfig, key: str = "student") -> nn.Module:
-    """Build the model and, when a checkpoint is named, load its weights strictly."""
+    """Build the model and, when a checkpoint is named, load its weights strictly.
+
+    Every mistake is a :class:`ConfigError` naming ``key``: an unknown name or a module that
+    does not import (``package.module:Class`` is looked for on ``sys.path``, which holds the
+    config's folder and the working directory), kwargs the constructor refuses, a checkpoint
+    that is missing, unreadable (e.g. truncated), does not fit, or holds NaN/inf.
+    """
     try:
         model = build_model(cfg.model, **cfg.kwargs)
     except KeyError as err:
-        raise ConfigError(f"{key}.model: {err.args[0]}") from None
-    except TypeError as err:
-        raise ConfigError(f"{key}.kwargs: {err}") from None
+        hint = (
+            f" (looked on sys.path, which includes the config's folder and {Path.cwd()})"
+            if ":" in cfg.model
+            else ""
+        )
+        raise ConfigError(f"{key}.model: {err.args[0]}{hint}") from None
+    except SyntaxError as err:
+        raise ConfigError(
+            f"{key}.model: {err.filename} line {err.lineno}: {err.msg}; fix the file"
+        ) from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key}.kwargs: {cfg.model} {cfg.kwargs}: {err}") from None
     if cfg.checkpoint:
         path = resolve_checkpoint(cfg.checkpoint)
-        state = load_weights(path)
+        try:
+            state = load_weights(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(
+                f"{key}.checkpoint: {err}; point it at a complete .safetensors file"
+            ) from None
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
+            first = str(err).strip().splitlines()
             raise ConfigError(
-                f"{key}.checkpoint: {path} does not fit model {cfg.model!r} {cfg.kwargs}: {err}"
+                f"{key}.checkpoint: {path} does not fit model {cfg.model!r} {cfg.kwargs}: "
+                + " ".join(line.strip() for line in first[:3])
             ) from None
+        bad = [
+            name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()
+        ]
+        if bad:
+            raise ConfigError(
+                f"{key}.checkpoint: {path} holds NaN or inf in {bad[:3]} — the {key}'s weights "
+                "are broken; re-train or re-export them"
+            )
     return model
+
+
+def model_import_dirs(cfg: ExperimentConfig) -> list[str]:
+    """Folders that make the config's ``package.module:Class`` models importable (recorded in
+    ``summary.json`` so that ``kdistill export`` / ``predict`` find them from anywhere)."""
+    specs = [cfg.student.model] + ([cfg.teacher.model] if cfg.teacher is not None else [])
+    return list(dict.fromkeys(d for spec in specs for d in import_dirs(spec)))
+
+
+def _finite_teacher_outputs(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook on a teacher: non-finite outputs are the teacher's fault, said so."""
+    if isinstance(output, Tensor) and output.is_floating_point() and not output.isfinite().all():
+        raise FloatingPointError(
+            f"the teacher ({type(module).__name__}) produced NaN or inf outputs {tuple(output.shape)}"
+            " — its weights or the inputs are broken, not the student's training; check "
+            "teacher.checkpoint and the data (a lower learning rate will not help)"
+        )
+
+
+def output_shape(model: nn.Module, example: Tensor, key: str) -> torch.Size:
+    """The logits shape of ``model`` on ``example`` (eval mode, no autograd); a model that
+    cannot take the data's inputs is a :class:`ConfigError` naming ``key``."""
+    from kdistill.distiller import call_model, output_logits
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = output_logits(call_model(model, example))
+    except (RuntimeError, ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{key}.model: {type(model).__name__} cannot take the data's inputs of shape "
+            f"{tuple(example.shape)}: {message}; change the model (its in_channels / input "
+            "size) or the data (data.channels, data.image_size)"
+        ) from None
+    finally:
+        model.train(was_training)
+    return logits.shape
+
+
+def check_shapes(
+    student_logits: torch.Size,
+    teacher_logits: torch.Size | None,
+    num_classes: int,
+    terms: Sequence[LossTerm],
+    context: TermContext,
+) -> None:
+    """Refuse, before training, the shape mismatches that would fail in the first step.
+
+    A student with fewer outputs than the data has classes; a teacher whose class count
+    differs from the student's when a term compares their logits; a term comparing tensors
+    element-wise whose shapes differ without an adapter.
+    """
+    classes = student_logits[-1]
+    if len(student_logits) == 2 and classes < num_classes:
+        raise ConfigError(
+            f"student.kwargs: the student outputs {classes} classes but the data has "
+            f"{num_classes} (labels 0..{num_classes - 1}); give the student {num_classes} "
+            "outputs (e.g. num_classes: " + f"{num_classes})"
+        )
+    for term in terms:
+        if not term.uses_teacher or term.adapter is not None:
+            continue
+        s = context.student_shapes.get(term.student)
+        t = context.teacher_shapes.get(term.teacher) if term.teacher else None
+        if s is None or t is None or s[1:] == t[1:]:
+            continue
+        if term.student == LOGITS and term.teacher == LOGITS:
+            raise ConfigError(
+                f"teacher.model: the teacher outputs {t[-1]} classes and the student {s[-1]}; "
+                f"loss term {term.name!r} compares their class distributions, so both need "
+                f"the data's {num_classes} classes (check num_classes in student.kwargs / "
+                "teacher.kwargs)"
+            )
+        if getattr(term.loss, "same_shape", False):
+            raise ConfigError(
+                f"distill.terms: term {term.name!r} compares student {term.student!r} "
+                f"{tuple(s[1:])} with teacher {term.teacher!r} {tuple(t[1:])} element-wise "
+                "without an adapter; set adapter: auto on the term or pick layers of the same "
+                "shape"
+            )
 
 
 # -- loss terms ----------------------------------------------------------------------------
@@ -233,12 +347,8 @@ def load_validation(cfg: ExperimentConfig) -> tuple[Tensor, Tensor] | None:
 
 
 def _dataset(cfg: ExperimentConfig, split: str, subset: int | None) -> tuple[Tensor, Tensor]:
-    d = cfg.data
-    if d.name == "fashion_mnist":
-        data = fashion_mnist_dataset(split, root=d.root, subset=subset, seed=cfg.seed)
-    else:
-        data = cifar_dataset(d.name, split, root=d.root, subset=subset, seed=cfg.seed)
-    return data.tensors[0], data.tensors[1]
+    """``(x, y)`` of ``split`` for any ``data.name`` (:func:`kdistill.data.sources.load_split`)."""
+    return load_split(cfg.data, split, subset, cfg.seed, config_dir(cfg))
 
 
 def _train_split(cfg: ExperimentConfig, part: str) -> tuple[Tensor, Tensor]:
@@ -307,14 +417,23 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     device = run.device
     (train_x, train_y), (test_x, test_y) = load_data(cfg)
 
+    data_used = data_record(
+        cfg.data, cfg.seed, (train_x, train_y), (test_x, test_y), config_dir(cfg)
+    )
     teacher = load_model(cfg.teacher, "teacher") if cfg.teacher is not None else None
     torch.manual_seed(cfg.seed)  # student init independent of whether a teacher was built
     student = load_model(cfg.student)
     example = train_x[: min(8, train_x.shape[0])]
+    student_logits = output_shape(student, example, "student")
+    teacher_logits = output_shape(teacher, example, "teacher") if teacher is not None else None
     context = probe_terms(cfg.distill, student, teacher, example, int(train_x.shape[0]))
     terms = build_terms(cfg.distill, teacher is not None, context)
     distiller = Distiller(student, terms, teacher if any(t.uses_teacher for t in terms) else None)
     distiller.build_adapters(example)
+    terms_built = [t for t in distiller.terms if isinstance(t, LossTerm)]
+    check_shapes(student_logits, teacher_logits, data_used["num_classes"], terms_built, context)
+    if teacher is not None:
+        teacher.register_forward_hook(_finite_teacher_outputs)
 
     eval_loader = TensorBatchLoader(test_x, test_y, batch_size=cfg.data.eval_batch_size)
     val = load_validation(cfg)
@@ -328,6 +447,12 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     if teacher is not None:
         teacher.to(device)
         teacher_metrics = evaluate(teacher, eval_loader, device)
+        if not math.isfinite(teacher_metrics["loss"]):
+            raise ConfigError(
+                f"teacher: its outputs on the test data are NaN or inf (test loss "
+                f"{teacher_metrics['loss']}); the teacher ({cfg.teacher.model}, checkpoint "  # type: ignore[union-attr]
+                f"{cfg.teacher.checkpoint}) is broken, not the student — re-train or re-export it"  # type: ignore[union-attr]
+            )
         if distiller.teacher is not None and cfg.distill.cache_teacher:
             cached = cached_teacher_outputs(cfg, distiller, teacher, train_x, device)
 
@@ -377,6 +502,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
         ],
         "epochs": cfg.train.epochs,
         "train_samples": int(train_x.shape[0]),
+        "data": data_used,
+        "import_dirs": model_import_dirs(cfg),
         "seconds": sum(r["epoch_time_s"] for r in fit.history),
         "config": cfg.to_dict(),
     }
@@ -512,7 +639,6 @@ def disk_teacher_outputs(
         else f"{d.name}:train(minus val_size={d.val_size}"
         + ("" if d.train_subset is None else f", subset={d.train_subset}, seed={cfg.seed}")
         + ")",
-
         "transform": "none",
         "keys": list(keys),
         "batch_size": d.eval_batch_size,

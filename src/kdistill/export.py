@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from kdistill.checkpoint import load_weights, save_weights
-from kdistill.config import ExperimentConfig
+from kdistill.config import ExperimentConfig, add_import_dirs
 from kdistill.models import build_model
 from kdistill.report import KD_RUN, class_names, is_demo_dir, load_run_student
 
@@ -58,11 +58,27 @@ def normalization(cfg: ExperimentConfig) -> tuple[list[float], list[float]]:
     return list(mean), list(std)
 
 
-def export_metadata(cfg: ExperimentConfig, model: nn.Module, source: Path) -> dict[str, Any]:
-    mean, std = normalization(cfg)
-    shape = INPUT_SHAPES[cfg.data.name]
+def export_metadata(
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    source: Path,
+    data: dict[str, Any] | None = None,
+    import_dirs: list[str] | None = None,
+) -> dict[str, Any]:
+    """The file's metadata. ``data`` is the run's ``summary.json`` record of its data (input
+    shape, standardisation, raw value range, class names); without one (runs written before
+    it existed) the built-in data set's fixed values are used."""
+    if data is not None and data.get("input_shape"):
+        shape, mean, std = list(data["input_shape"]), list(data["mean"]), list(data["std"])
+        value_range = list(data.get("input_range") or [0.0, 1.0])
+    else:
+        mean, std = normalization(cfg)
+        shape, value_range = INPUT_SHAPES[cfg.data.name], [0.0, 1.0]
     with torch.inference_mode():
         num_classes = int(model.eval()(torch.zeros(1, *shape)).shape[-1])
+    names = (data or {}).get("classes")
+    if not names or len(names) != num_classes:
+        names = list(class_names(cfg, num_classes)) if cfg.data.name in INPUT_SHAPES else None
     return {
         "format": FORMAT,
         "model": cfg.student.model,
@@ -70,9 +86,11 @@ def export_metadata(cfg: ExperimentConfig, model: nn.Module, source: Path) -> di
         "data": cfg.data.name,
         "input_shape": shape,
         "num_classes": num_classes,
-        "classes": list(class_names(cfg, num_classes)),
+        "classes": names or [str(i) for i in range(num_classes)],
         "mean": mean,
         "std": std,
+        "input_range": value_range,  # raw values before standardisation: what predict accepts
+        "import_dirs": list(import_dirs or []),  # where a package.module:Class model imports from
         "source": str(source),
     }
 
@@ -93,8 +111,10 @@ def export_student(
     run_dir = Path(run_dir)
     if is_demo_dir(run_dir):
         run_dir = run_dir / KD_RUN
+    summary = _summary(run_dir)
+    add_import_dirs(*summary.get("import_dirs", []))  # a package.module:Class student
     model, cfg = load_run_student(run_dir)
-    meta = export_metadata(cfg, model, run_dir)
+    meta = export_metadata(cfg, model, run_dir, summary.get("data"), summary.get("import_dirs"))
     output = Path(output) if output is not None else run_dir / "export" / "student.safetensors"
     save_weights(output, model.state_dict(), _encode(meta))
     result = ExportResult(output, meta)
@@ -111,6 +131,16 @@ def export_student(
                 )
                 result.onnx_max_abs_diff = check_onnx(result.onnx, model, example)
     return result
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise ExportError(f"{run_dir}: no summary.json; point kdistill export at a run folder")
+    try:
+        return dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path}: not valid JSON ({err}); the run did not finish") from None
 
 
 def _encode(meta: dict[str, Any]) -> dict[str, str]:
@@ -144,7 +174,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def load_exported(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the exported student (eval mode) from the file alone; returns ``(model, meta)``."""
     meta = read_metadata(path)
-    model = build_model(meta["model"], **meta.get("kwargs", {}))
+    # a package.module:Class student: from where the run imported it, next to the file, or here
+    add_import_dirs(*meta.get("import_dirs", []), Path(path).expanduser().absolute().parent)
+    try:
+        model = build_model(meta["model"], **meta.get("kwargs", {}))
+    except KeyError as err:
+        raise ExportError(
+            f"{path}: cannot rebuild the student: {err.args[0]}; put its module next to the "
+            "exported file or in the working directory"
+        ) from None
     model.load_state_dict(load_weights(path))
     return model.eval(), meta
 
@@ -155,11 +193,14 @@ def preprocess(
     """Images as the model expects them: ``(N, C, H, W)`` float32, standardised.
 
     Accepts ``(H, W)``, ``(N, H, W)``, ``(N, C, H, W)`` or channels-last ``(N, H, W, C)``;
-    ``uint8`` pixels are scaled from 0–255, floats are taken as already in [0, 1] — unless
-    ``normalized`` says they are standardised already.
+    ``uint8`` pixels are scaled from 0–255, floats are taken as already in the range the model
+    was trained on (``meta["input_range"]``, [0, 1] for images) — unless ``normalized`` says
+    they are standardised already. Values outside that range (floats in 0–255, say) are an
+    :class:`ExportError`: the model would answer confidently on inputs it never saw.
     """
     x = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
     c, h, w = meta["input_shape"]
+    given = tuple(x.shape)
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if x.dim() == 3:
@@ -168,17 +209,46 @@ def preprocess(
         x = x.permute(0, 3, 1, 2)
     if x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w):
         raise ExportError(
-            f"images of shape {tuple(x.shape)} do not fit the model's input {tuple(meta['input_shape'])}"
+            f"images of shape {given} do not fit the model's input {tuple(meta['input_shape'])}"
         )
     was_uint8 = x.dtype == torch.uint8
     x = x.to(torch.float32)
+    low, high = (float(v) for v in meta.get("input_range", (0.0, 1.0)))
+    mean = torch.tensor(meta["mean"] or [0.0], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(meta["std"] or [1.0], dtype=torch.float32).view(-1, 1, 1)
     if normalized:
+        _check_range(x, (low - mean) / std, (high - mean) / std, "standardised images")
         return x
     if was_uint8:
         x = x / 255.0
-    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(meta["std"], dtype=torch.float32).view(-1, 1, 1)
+    else:
+        _check_range(x, torch.tensor(low), torch.tensor(high), "float images")
     return (x - mean) / std
+
+
+RANGE_SLACK = 0.05
+"""Share of the trained value range that inputs may lie outside it (rounding, resampling)."""
+
+
+def _check_range(x: Tensor, low: Tensor, high: Tensor, what: str) -> None:
+    """Refuse values outside ``[low, high]`` (per channel, widened by :data:`RANGE_SLACK`)."""
+    slack = RANGE_SLACK * (high - low)
+    lo, hi = float(x.min()), float(x.max())
+    if not (
+        torch.isfinite(x).all()
+        and lo >= float((low - slack).min())
+        and hi <= float((high + slack).max())
+    ):
+        expected = f"[{float(low.min()):.3g}, {float(high.max()):.3g}]"
+        hint = (
+            "pass uint8 pixels, or divide by 255"
+            if hi > 2.0 and float(high.max()) <= 1.5
+            else "check the preprocessing (or --normalized)"
+        )
+        raise ExportError(
+            f"{what} hold values in [{lo:.3g}, {hi:.3g}] but the model was trained on {expected}; "
+            f"{hint}"
+        )
 
 
 def load_images(path: str | Path) -> Tensor:

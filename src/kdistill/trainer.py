@@ -38,6 +38,7 @@ import itertools
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -467,6 +468,8 @@ class Trainer:
         self._forward: nn.Module = self.distiller  # type: ignore[assignment]
         if distributed.is_distributed():
             self.progress = progress and distributed.is_main()
+        # progress bars only on a terminal: a redirected log gets the epoch lines, not frames
+        self._bars = self.progress and sys.stderr.isatty()
         if distributed.is_distributed() and not self._sharded:  # FSDP syncs gradients itself
             reason = ddp_unsupported(distiller)
             if reason:
@@ -560,8 +563,8 @@ class Trainer:
                     if key != "epoch" and type(value) in (int, float):
                         writer.add_scalar(key, value, epoch + 1)
                 writer.flush()
-            if self.progress:
-                tqdm.write(_format_row(row))
+            if distributed.is_main():  # one line per epoch, with or without progress bars
+                _log(_format_row(row))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training data; returns mean losses, accuracy and the last LR.
@@ -590,7 +593,7 @@ class Trainer:
         bar = tqdm(
             _windows(batches, n_micro),
             desc=f"epoch {epoch + 1}/{self.epochs}",
-            disable=not self.progress,
+            disable=not self._bars,
             leave=False,
             dynamic_ncols=True,
             initial=partial.step,
@@ -616,7 +619,7 @@ class Trainer:
                 sums.skipped += 1
             self.global_step = global_step + 1
             self.callbacks.fire("on_batch_end", self, global_step, outs[-1])
-            if self.progress and step % 20 == 0 and sums.seen:
+            if self._bars and step % 20 == 0 and sums.seen:
                 bar.set_postfix(
                     loss=f"{sums.sums['loss'].item() / sums.seen:.4f}",
                     acc=f"{sums.correct.item() / sums.seen:.3f}",
@@ -856,6 +859,12 @@ def _check_shardable(model: Any, amp: str) -> None:
             "an FSDP-sharded student cannot be trained with loss-term adapters (they "
             "would need sharding too); use DDP or terms without trainable parameters"
         )
+
+
+def _log(line: str) -> None:
+    """A log line on stdout, flushed (above any progress bar, which lives on stderr)."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _format_row(row: Mapping[str, Any]) -> str:

@@ -177,7 +177,8 @@ def test_lookup_root_env_cache_order(tmp_path: Path, monkeypatch: pytest.MonkeyP
     root = make_folder(tmp_path / "root", "cifar100")
     assert find_cifar("cifar100", tmp_path / "root") == root  # folder holding the folder
     assert find_cifar("cifar100", root) == root  # the extracted folder itself
-    assert find_cifar("cifar100", tmp_path / "empty") == env  # a bad root falls through
+    with pytest.raises(DatasetNotFoundError, match="root argument"):  # a bad root: no fall-back
+        find_cifar("cifar100", tmp_path / "empty")
 
 
 def test_lookup_archive_file_and_folder_first(
@@ -210,14 +211,17 @@ def test_not_found_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert "cifar-100-python.tar.gz" in message
     cache = cf.default_cache_dir()
     assert f"tar -xzf cifar-100-python.tar.gz -C {cache}" in message
+    for searched in (tmp_path / "root", folder):  # a given root is the only place searched
+        assert f"  - {searched} (" in message
+    assert str(tmp_path / "envdir") not in message
+    with pytest.raises(FileNotFoundError) as info:
+        find_cifar("cifar100")
     for searched in (
-        tmp_path / "root",
-        folder,
         tmp_path / "envdir" / "cifar-100-python",
         cache / "cifar-100-python",
         cache / "cifar-100-python.tar.gz",
     ):
-        assert f"  - {searched} (" in message
+        assert f"  - {searched} (" in str(info.value)
     folder_line = next(line for line in message.splitlines() if line.startswith(f"  - {folder} "))
     assert folder_line.endswith("(root argument): missing meta")
     with pytest.raises(DatasetNotFoundError, match=r"CIFAR-10 not found.*data_batch_5"):

@@ -111,8 +111,10 @@ def test_lookup_env_then_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     env = make_fake_dataset(tmp_path / "env" / "fashion-mnist")
     monkeypatch.setenv("KDISTILL_DATA", str(tmp_path / "env"))  # parent of fashion-mnist/
     assert find_fashion_mnist() == env
-    # A root lacking files falls through to the next place.
-    assert find_fashion_mnist(tmp_path / "empty") == env
+    # A root lacking the files is an error, never a fall-back to another copy.
+    with pytest.raises(DatasetNotFoundError, match="root argument") as info:
+        find_fashion_mnist(tmp_path / "empty")
+    assert str(env) not in str(info.value)
 
 
 def test_lookup_system_dir_last(tmp_path: Path) -> None:
@@ -131,8 +133,11 @@ def test_not_found_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     message = str(info.value)
     assert "apt-get install dataset-fashion-mnist" in message
     assert "github.com/zalandoresearch/fashion-mnist" in message
-    for searched in (root, tmp_path / "envdir", fm.default_cache_dir(), fm.SYSTEM_DATA_DIR):
-        assert str(searched) in message
+    assert str(root) in message and str(tmp_path / "envdir") not in message  # root only
+    with pytest.raises(DatasetNotFoundError) as everywhere:
+        find_fashion_mnist()
+    for searched in (tmp_path / "envdir", fm.default_cache_dir(), fm.SYSTEM_DATA_DIR):
+        assert str(searched) in str(everywhere.value)
     root_line = next(line for line in message.splitlines() if line.startswith(f"  - {root} "))
     assert "missing train-labels-idx1-ubyte" in root_line
     assert "train-images" not in root_line

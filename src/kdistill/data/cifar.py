@@ -198,8 +198,8 @@ def _candidates(
 ) -> list[tuple[Path, Kind, str]]:
     """Places to search, in priority order, each with its kind and where it came from."""
     candidates: list[tuple[Path, Kind, str]] = []
-    if root is not None:
-        candidates += [(p, k, "root argument") for p, k in _expand(Path(root).expanduser(), layout)]
+    if root is not None:  # a given root is the only place: never another copy silently
+        return [(p, k, "root argument") for p, k in _expand(Path(root).expanduser(), layout)]
     env = os.environ.get(ENV_VAR)
     if env:
         candidates += [(p, k, f"${ENV_VAR}") for p, k in _expand(Path(env).expanduser(), layout)]
@@ -222,7 +222,8 @@ def _usable(path: Path, kind: Kind, layout: _Layout) -> bool:
 def find_cifar(name: CifarName, root: str | os.PathLike[str] | None = None) -> Path:
     """Return the extracted folder or ``.tar.gz`` archive holding CIFAR-10 or CIFAR-100.
 
-    Searched in order: ``root``, then ``$KDISTILL_DATA``, then ``~/.cache/kdistill``. Each
+    With ``root``, only ``root`` is searched (a given place that lacks the data is an error,
+    never a fall-back). Otherwise ``$KDISTILL_DATA``, then ``~/.cache/kdistill``. Each
     of these may be the extracted folder itself (``cifar-100-python/``), a folder holding
     it, or a folder holding the archive (``cifar-100-python.tar.gz``); ``root`` and
     ``$KDISTILL_DATA`` may also name the archive file. A folder counts only if it holds

@@ -173,8 +173,8 @@ def default_cache_dir() -> Path:
 def _candidates(root: str | os.PathLike[str] | None) -> list[tuple[Path, str]]:
     """Folders to search, in priority order, each with where it came from."""
     candidates: list[tuple[Path, str]] = []
-    if root is not None:
-        candidates += [(p, "root argument") for p in _expand(Path(root).expanduser())]
+    if root is not None:  # a given root is the only place: never another copy silently
+        return [(p, "root argument") for p in _expand(Path(root).expanduser())]
     env = os.environ.get(ENV_VAR)
     if env:
         candidates += [(p, f"${ENV_VAR}") for p in _expand(Path(env).expanduser())]
@@ -186,9 +186,11 @@ def _candidates(root: str | os.PathLike[str] | None) -> list[tuple[Path, str]]:
 def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Path:
     """Return the first folder holding all four Fashion-MNIST files.
 
-    Searched in order: ``root`` (or ``root/fashion-mnist``), ``$KDISTILL_DATA``
-    (or ``$KDISTILL_DATA/fashion-mnist``), ``~/.cache/kdistill/fashion-mnist``,
-    then :data:`SYSTEM_DATA_DIR`. Each file may be gzipped or not.
+    With ``root``, only ``root`` (or ``root/fashion-mnist``) is searched: a given folder that
+    lacks the files is an error, never a fall-back to another copy. Without it, in order:
+    ``$KDISTILL_DATA`` (or ``$KDISTILL_DATA/fashion-mnist``),
+    ``~/.cache/kdistill/fashion-mnist``, then :data:`SYSTEM_DATA_DIR`. Each file may be
+    gzipped or not.
 
     Raises:
         DatasetNotFoundError: listing every folder searched, what each lacks,

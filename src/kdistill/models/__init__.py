@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -26,9 +28,34 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def import_dirs(name: str) -> list[str]:
+    """The folder from which ``package.module:Class`` imports (``[]`` for registry names and
+    for modules installed in site-packages): what a later process must put on ``sys.path`` to
+    rebuild the model, e.g. ``kdistill export`` / ``predict`` run from another folder."""
+    if ":" not in name or name in MODELS:
+        return []
+    module_name = name.partition(":")[0]
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file or "site-packages" in file or "dist-packages" in file:
+        return []
+    folder = Path(file).resolve().parent
+    for _ in range(module_name.count(".") + (Path(file).name == "__init__.py")):
+        folder = folder.parent
+    return [str(folder)]
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not; a shared/tied tensor once) — "model size"."""
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MLP", "MODELS", "SmallCNN", "TeacherCNN", "build_model", "count_parameters"]
+__all__ = [
+    "MLP",
+    "MODELS",
+    "SmallCNN",
+    "TeacherCNN",
+    "build_model",
+    "count_parameters",
+    "import_dirs",
+]
