@@ -701,3 +701,81 @@ def test_causal_lm_head_inputs_give_the_models_logits_and_gradients_reach_the_pa
 def test_causal_lm_head_inputs_reject_a_model_without_a_head() -> None:
     with pytest.raises(TypeError, match=r"Linear has no get_decoder\(\).*distill.fused: false"):
         causal_lm_head_inputs(torch.nn.Linear(3, 4), {})
+
+
+# --------------------------------------------------------------------------- fused cross-entropy
+
+from kdistill.lm.losses import token_cross_entropy  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("teacher_form", ["logits", "head", "topk"])
+def test_fused_kd_plus_ce_equals_the_two_plain_terms_values_and_grads(
+    kind: str, teacher_form: str
+) -> None:
+    """alpha · D + (1 − alpha) · CE from one pass over the chunks == the two plain terms."""
+    x, values, indices, rest = _topk_setup(4, seed=60)
+    t_logits = F.linear(x["th"], x["tw"], x["tb"])
+    alpha, temperature = 0.3, 1.4
+    kw = {"labels": LABELS, "temperature": temperature, "chunk_size": 3}
+    h, w, b = _leaves(x["h"], x["w"], x["b"])
+    weights = {"kd_weight": alpha, "ce_weight": 1 - alpha, "return_parts": True}
+    if teacher_form == "topk":
+        loss, kd, ce = fused_topk_divergence(h, w, b, values, indices, rest, kind, **kw, **weights)
+    else:
+        teacher = (
+            {"teacher_logits": t_logits}
+            if teacher_form == "logits"
+            else {"teacher_hidden": x["th"], "teacher_weight": x["tw"], "teacher_bias": x["tb"]}
+        )
+        loss, kd, ce = fused_linear_divergence(
+            h, w, kind=kind, student_bias=b, **teacher, **kw, **weights
+        )
+    loss.backward()
+    h2, w2, b2 = _leaves(x["h"], x["w"], x["b"])
+    logits = F.linear(h2, w2, b2)
+    kw.pop("chunk_size")
+    if teacher_form == "topk":
+        plain_kd = topk_divergence(logits, values, indices, rest, kind, **kw)
+    else:
+        plain_kd = token_divergence_reference(logits, t_logits, kind, **kw)
+    plain_ce = token_cross_entropy(logits, LABELS)
+    (alpha * plain_kd + (1 - alpha) * plain_ce).backward()
+    torch.testing.assert_close(kd, plain_kd.detach())
+    torch.testing.assert_close(ce, plain_ce.detach())
+    torch.testing.assert_close(loss, (alpha * plain_kd + (1 - alpha) * plain_ce).detach())
+    assert not kd.requires_grad and not ce.requires_grad
+    for got, want in ((h, h2), (w, w2), (b, b2)):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_fused_ce_alone_is_token_cross_entropy_and_passes_gradcheck() -> None:
+    x = _setup(n_shape=(5,), hidden=3, vocab=6, seed=61)
+    t_logits = F.linear(x["th"], x["tw"])
+    labels = torch.tensor([1, -100, 0, 5, 2])
+    only_ce = fused_linear_divergence(
+        x["h"], x["w"], t_logits, kd_weight=0.0, ce_weight=1.0, labels=labels
+    )
+    torch.testing.assert_close(only_ce, token_cross_entropy(x["h"] @ x["w"].T, labels))
+    h, w = _leaves(x["h"], x["w"])
+    assert torch.autograd.gradcheck(
+        lambda a, c: fused_linear_divergence(
+            a, c, t_logits, "tv", kd_weight=0.6, ce_weight=0.4, labels=labels, chunk_size=2
+        ),
+        (h, w),
+    )
+
+
+def test_fused_ce_needs_labels_inside_the_vocabulary_and_non_negative_weights() -> None:
+    x = _setup()
+    t_logits = F.linear(x["th"], x["tw"])
+    with pytest.raises(ValueError, match=r"ce_weight > 0 adds the cross-entropy.*pass labels"):
+        fused_linear_divergence(x["h"], x["w"], t_logits, ce_weight=0.5)
+    bad = LABELS.clone()
+    bad[0, 0] = 11
+    with pytest.raises(
+        ValueError, match=r"span \[0, 11\], outside the student's vocabulary \[0, 11\)"
+    ):
+        fused_linear_divergence(x["h"], x["w"], t_logits, ce_weight=0.5, labels=bad)
+    with pytest.raises(ValueError, match="kd_weight must be a finite number >= 0"):
+        fused_linear_divergence(x["h"], x["w"], t_logits, kd_weight=-1.0)

@@ -23,6 +23,15 @@ avoid its logits too, as hidden states ``(N, H_t)`` and its own ``lm_head`` weig
 ``(V, H_t)`` (and bias), projected chunk by chunk. **The teacher gets no gradient** on
 this path — its tensors are treated as constants.
 
+A cached top-k teacher (:mod:`kdistill.cache`, top-k layout) is taken by
+:func:`fused_topk_divergence`: per chunk the student's ``k + 1`` buckets (the teacher's top-k
+ids and one ``logsumexp`` over the other ids), the divergence over ``k + 1`` entries, and the
+gradient chained back through the bucketing, so the cached step never builds ``(N, V)``
+logits either. Both functions can add the hard-label cross-entropy of the same chunk of
+student logits (``kd_weight · D + ce_weight · CE``, :data:`TERMS_DOC`), the whole
+``alpha · D + (1 − alpha) · CE`` objective in one pass. :func:`causal_lm_head_inputs` gets a
+Hugging Face causal LM's final hidden states and ``lm_head`` parameter for them.
+
 All conventions (kinds, ``beta`` / ``skew_alpha``, temperature without ``T²``,
 ``labels`` / ``ignore_index`` / ``mask``, mean over counted tokens, ``-inf`` handling,
 vocabulary-size rule) are those of :func:`kdistill.lm.divergences.token_divergence`, and
@@ -34,6 +43,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +59,7 @@ from kdistill.lm.divergences import (
     _check_reduction,
     _chunk_rows,
     _counted,
+    _log_probs,
     _resolve,
     _rows,
     _scale_grad,
@@ -167,6 +178,55 @@ def _finish_grads(
     return grad_h, grad_w, grad_b
 
 
+@dataclass(frozen=True)
+class _Terms:
+    """The weights of the two terms a fused loss sums: ``kd · D + ce · CE``.
+
+    ``targets`` ``(N,)`` int64 are the next-token ids (only counted rows are read), given when
+    ``ce > 0``; the cross-entropy ``−log softmax(z)[y]`` is on the raw logits (``T = 1``).
+    """
+
+    kd: float = 1.0
+    ce: float = 0.0
+    targets: Tensor | None = None
+
+
+def _ce_chunk(
+    z: Tensor, y: Tensor, need_grad: bool, factor: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Summed cross-entropy of one chunk ``(n, V)`` vs ids ``y`` ``(n,)``, and ``factor ·``
+    its gradient ``softmax(z) − onehot(y)`` (a pooled ``(n, V)`` buffer)."""
+    log_q = _log_probs(z, dtype, 1.0, owned=False)  # (n, V), z itself is left intact
+    value = -log_q.gather(1, y[:, None]).sum()
+    if not need_grad:
+        return value, None
+    g = log_q.exp_()
+    g.scatter_add_(1, y[:, None], torch.full((y.numel(), 1), -1.0, dtype=g.dtype, device=g.device))
+    return value, g.mul_(factor)
+
+
+def _student_chunk(
+    h_c: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    terms: _Terms,
+    start: int,
+    stop: int,
+    idx: Tensor | None,
+    need_grad: bool,
+    scale: float,
+    dtype: torch.dtype,
+) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+    """The chunk's student logits (in a one-item list, for the caller to hand over) and, when
+    ``terms.ce > 0``, the chunk's summed cross-entropy and its scaled gradient."""
+    z = _linear(h_c, weight, bias)  # (n, V): the student logits of this chunk only
+    if terms.targets is None or terms.ce == 0.0:
+        return [z], None, None
+    y = terms.targets[start:stop] if idx is None else terms.targets.index_select(0, idx)
+    value, g = _ce_chunk(z, y, need_grad, terms.ce * scale, dtype)
+    return [z], value, g
+
+
 def _fused(
     hidden: Tensor,  # (N, H)
     weight: Tensor,  # (V, H)
@@ -180,15 +240,17 @@ def _fused(
     spec: _Spec,
     chunk: int,
     normaliser: float,
+    terms: _Terms,
     need_h: bool,
     need_w: bool,
     need_b: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loss and the gradients wrt ``hidden`` / ``weight`` / ``bias`` that were asked for."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Loss, its two parts (D, CE) and the gradients wrt ``hidden`` / ``weight`` / ``bias``."""
     teacher_ref = teacher_logits if teacher_logits is not None else teacher_weight
     assert teacher_ref is not None
     dtype = _compute_dtype(hidden, weight, teacher_ref)
     total = torch.zeros((), dtype=dtype, device=hidden.device)
+    total_ce = torch.zeros((), dtype=dtype, device=hidden.device)
     grads = _grad_buffers(hidden, weight, bias, rows, dtype, need_h, need_w, need_b)
     need_logits = any(x is not None for x in grads)
     scale = 1.0 / normaliser
@@ -198,44 +260,105 @@ def _fused(
         stop = min(start + chunk, count)
         idx = None if rows is None else rows[start:stop]
         h_c = hidden[start:stop] if idx is None else hidden.index_select(0, idx)
-        value, g, _ = _value_and_grads(  # logits passed inline: freed inside once used
-            _linear(h_c, weight, bias),  # (n, V): the student logits of this chunk only
+        box, ce_value, g_ce = _student_chunk(
+            h_c, weight, bias, terms, start, stop, idx, need_logits, scale, dtype
+        )
+        value, g, _ = _value_and_grads(  # logits handed over: freed inside once used
+            box.pop(),
             _teacher_chunk(
                 teacher_logits, teacher_hidden, teacher_weight, teacher_bias, start, stop, idx
             ),
             spec,
             need_logits,
             False,
-            scale,
+            terms.kd * scale,
             owned_student=True,
             owned_teacher=teacher_fresh,
         )
         total += value
+        if ce_value is not None:
+            total_ce += ce_value
         if g is not None:
+            if g_ce is not None:
+                g = g.add_(g_ce)
             _head_grads(g, h_c, weight, grads, start, stop, idx)
-        del g, h_c
-    return (total / normaliser, *_finish_grads(grads, weight, bias))
+        del g, g_ce, h_c
+    return _results(total, total_ce, normaliser, terms, grads, weight, bias)
+
+
+TERMS_DOC = """Two terms in one pass: ``kd_weight · D + ce_weight · CE``.
+
+``D`` is the divergence (mean over counted tokens, or sum), ``CE = −log softmax(z)[y]`` the
+cross-entropy of the student's raw logits (``T = 1``) against ``labels`` on the same counted
+tokens and with the same reduction, the hard-label term of an LM objective
+(``alpha · D + (1 − alpha) · CE``: ``kd_weight=alpha, ce_weight=1 - alpha``). Computed from
+the same chunk of logits, so the student's logits are never materialised for the CE either
+(one more ``(rows, V)`` buffer in the chunk's working set). ``return_parts=True`` returns
+``(loss, D, CE)``, the parts detached for logging.
+"""
+
+
+def _terms(
+    kd_weight: float, ce_weight: float, labels: Tensor | None, keep: Tensor | None, vocab: int
+) -> _Terms:
+    for name, value in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
+        if isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not ce_weight:
+        return _Terms(float(kd_weight))
+    if labels is None:
+        raise ValueError(
+            "ce_weight > 0 adds the cross-entropy on the next-token ids: pass labels (aligned "
+            "with the hidden states, ignore_index where no token counts)"
+        )
+    targets = labels.reshape(-1).long()
+    counted = targets if keep is None else targets[keep.to(targets.device)]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
+        raise ValueError(
+            f"labels of counted tokens span [{int(counted.min())}, {int(counted.max())}], "
+            f"outside the student's vocabulary [0, {vocab}); mark tokens that do not count "
+            "with ignore_index"
+        )
+    return _Terms(float(kd_weight), float(ce_weight), targets)
+
+
+def _results(
+    total: Tensor,
+    total_ce: Tensor,
+    normaliser: float,
+    terms: _Terms,
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None],
+    weight: Tensor,
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    kd, ce = total / normaliser, total_ce / normaliser
+    loss = terms.kd * kd + terms.ce * ce if terms.ce else terms.kd * kd
+    return (loss, kd, ce, *_finish_grads(grads, weight, bias))
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
-    """:func:`_fused` with its gradients computed in forward and scaled in backward."""
+    """:func:`_fused` with its gradients computed in forward and scaled in backward.
+
+    Outputs the loss and, not differentiable, its two parts (for logging)."""
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         flags = tuple(ctx.needs_input_grad[:3])  # hidden, weight, bias
-        loss, grad_h, grad_w, grad_b = _fused(*(*args, *flags))
+        loss, kd, ce, grad_h, grad_w, grad_b = _fused(*(*args, *flags))
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return loss
+        ctx.n_args = len(args)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         grad_h, grad_w, grad_b = ctx.saved_tensors
         return (
             _scale_grad(grad_h, grad_output),
             _scale_grad(grad_w, grad_output),
             _scale_grad(grad_b, grad_output),
-        ) + (None,) * 9
+        ) + (None,) * (ctx.n_args - 3)
 
 
 def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
@@ -281,7 +404,10 @@ def fused_linear_divergence(
     chunk_size: int | None = None,
     allow_padded: bool | None = None,
     chunk_bytes: int | None = None,
-) -> Tensor:
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+) -> Any:
     """Token divergence of ``student_hidden @ student_weight.T`` vs the teacher, fused.
 
     Equals :func:`~kdistill.lm.divergences.token_divergence` on the student's logits
@@ -304,10 +430,13 @@ def fused_linear_divergence(
             (the chunk's student and teacher logits are part of the same working set, so
             ``chunk_bytes`` bounds everything ``(rows, V)``-sized). ``V ≠ V_t`` slices the
             larger head / logits to the shared ids under the vocabulary rule.
+        kd_weight, ce_weight, return_parts: see :data:`TERMS_DOC`.
 
     Returns:
-        0-dim loss in the compute dtype (at least float32). Gradients flow to
-        ``student_hidden``, ``student_weight`` and ``student_bias`` only.
+        0-dim loss ``kd_weight · D + ce_weight · CE`` in the compute dtype (at least
+        float32), or ``(loss, D, CE)`` with ``return_parts`` (the parts detached, for
+        logging). Gradients flow to ``student_hidden``, ``student_weight`` and
+        ``student_bias`` only.
 
     Raises:
         ValueError: both or neither teacher form given, mismatched shapes, or the errors
@@ -376,7 +505,7 @@ def fused_linear_divergence(
         chunk_size,
         vocab,
         chunk_bytes=chunk_bytes,
-        working_set=_working_set(spec.kind, low, dtype),
+        working_set=_working_set(spec.kind, low, dtype) + (1.0 if ce_weight else 0.0),
         itemsize=dtype.itemsize,
     )
     normaliser = float(max(count, 1)) if reduction == "mean" else 1.0
@@ -393,13 +522,15 @@ def fused_linear_divergence(
         spec,
         chunk,
         normaliser,
+        _terms(kd_weight, ce_weight, labels, keep, vocab),
     )
     if torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, student_weight, student_bias)
     ):
-        return _FusedLinearDivergence.apply(*args)
-    loss, _, _, _ = _fused(*args, False, False, False)
-    return loss
+        loss, kd, ce = _FusedLinearDivergence.apply(*args)
+    else:
+        loss, kd, ce, _, _, _ = _fused(*args, False, False, False)
+    return (loss, kd.detach(), ce.detach()) if return_parts else loss
 
 
 class FusedLinearDivergenceLoss(DivergenceSettings):
@@ -534,14 +665,16 @@ def _fused_topk(
     temperature: float,
     chunk: int,
     normaliser: float,
+    terms: _Terms,
     need_h: bool,
     need_w: bool,
     need_b: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loss and the gradients wrt ``hidden`` / ``weight`` / ``bias`` that were asked for."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Loss, its two parts (D, CE) and the gradients wrt ``hidden`` / ``weight`` / ``bias``."""
     dtype = _compute_dtype(hidden, weight)
     vocab = weight.shape[0]
     total = torch.zeros((), dtype=dtype, device=hidden.device)
+    total_ce = torch.zeros((), dtype=dtype, device=hidden.device)
     grads = _grad_buffers(hidden, weight, bias, rows, dtype, need_h, need_w, need_b)
     need_logits = any(x is not None for x in grads)
     scale = 1.0 / normaliser
@@ -553,8 +686,11 @@ def _fused_topk(
         stop = min(start + chunk, count)
         idx = None if rows is None else rows[start:stop]
         h_c = take(hidden, start, stop, idx)
+        box, ce_value, g_ce = _student_chunk(
+            h_c, weight, bias, terms, start, stop, idx, need_logits, scale, dtype
+        )
         value, g = _topk_chunk(
-            _linear(h_c, weight, bias),  # (n, V), passed inline: overwritten and freed inside
+            box.pop(),  # (n, V), handed over: overwritten and freed inside
             take(indices, start, stop, idx).long(),
             _teacher_buckets(
                 take(values, start, stop, idx),
@@ -566,35 +702,31 @@ def _fused_topk(
             spec,
             temperature,
             need_logits,
-            scale,
+            terms.kd * scale,
             dtype,
         )
         total += value
+        if ce_value is not None:
+            total_ce += ce_value
         if g is not None:
+            if g_ce is not None:
+                g = g.add_(g_ce)
             _head_grads(g, h_c, weight, grads, start, stop, idx)
-        del g, h_c
-    return (total / normaliser, *_finish_grads(grads, weight, bias))
+        del g, g_ce, h_c
+    return _results(total, total_ce, normaliser, terms, grads, weight, bias)
 
 
-class _FusedTopKDivergence(torch.autograd.Function):
+class _FusedTopKDivergence(_FusedLinearDivergence):
     """:func:`_fused_topk` with its gradients computed in forward and scaled in backward."""
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         flags = tuple(ctx.needs_input_grad[:3])  # hidden, weight, bias
-        loss, grad_h, grad_w, grad_b = _fused_topk(*(*args, *flags))
+        loss, kd, ce, grad_h, grad_w, grad_b = _fused_topk(*(*args, *flags))
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        return (
-            _scale_grad(grad_h, grad_output),
-            _scale_grad(grad_w, grad_output),
-            _scale_grad(grad_b, grad_output),
-        ) + (None,) * 9
+        ctx.n_args = len(args)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
 
 
 def _check_topk_teacher(
@@ -648,7 +780,10 @@ def fused_topk_divergence(
     reduction: str = "mean",
     chunk_size: int | None = None,
     chunk_bytes: int | None = None,
-) -> Tensor:
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+) -> Any:
     """Top-k-teacher divergence of ``student_hidden @ student_weight.T``, fused.
 
     Equals ``kdistill.lm.topk.topk_divergence(F.linear(student_hidden, student_weight,
@@ -674,9 +809,11 @@ def fused_topk_divergence(
         kind, temperature, beta, skew_alpha, labels, ignore_index, mask, reduction,
         chunk_size, chunk_bytes: as in :func:`~kdistill.lm.divergences.token_divergence`;
             ``V`` is the student head's row count.
+        kd_weight, ce_weight, return_parts: see :data:`TERMS_DOC`.
 
     Returns:
-        0-dim loss in the compute dtype (at least float32); gradients flow to
+        0-dim loss ``kd_weight · D + ce_weight · CE`` in the compute dtype (at least
+        float32), or ``(loss, D, CE)`` with ``return_parts``; gradients flow to
         ``student_hidden``, ``student_weight`` and ``student_bias``, never to the teacher.
     """
     spec = _resolve(kind, beta, skew_alpha, temperature)
@@ -696,7 +833,9 @@ def fused_topk_divergence(
         chunk_size,
         vocab,
         chunk_bytes=chunk_bytes,
-        working_set=_TOPK_WORKING_SET + (_WORKING_SET[spec.kind] + 2) * (k + 1) / vocab,
+        working_set=_TOPK_WORKING_SET
+        + (_WORKING_SET[spec.kind] + 2) * (k + 1) / vocab
+        + (1.0 if ce_weight else 0.0),
         itemsize=_compute_dtype(hidden, student_weight).itemsize,
     )
     normaliser = float(max(count, 1)) if reduction == "mean" else 1.0
@@ -713,13 +852,15 @@ def fused_topk_divergence(
         spec.temperature,
         chunk,
         normaliser,
+        _terms(kd_weight, ce_weight, labels, keep, vocab),
     )
     if torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, student_weight, student_bias)
     ):
-        return _FusedTopKDivergence.apply(*args)
-    loss, _, _, _ = _fused_topk(*args, False, False, False)
-    return loss
+        loss, kd, ce = _FusedTopKDivergence.apply(*args)
+    else:
+        loss, kd, ce, _, _, _ = _fused_topk(*args, False, False, False)
+    return (loss, kd.detach(), ce.detach()) if return_parts else loss
 
 
 class FusedTopKDivergenceLoss(DivergenceSettings):
