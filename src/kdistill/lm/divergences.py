@@ -319,6 +319,7 @@ class _Workspace(threading.local):
 
 
 _WORKSPACE = _Workspace()
+_CAN_POOL = hasattr(torch._C, "_storage_Use_Count")  # how a buffer is known to be free
 _MAX_POOLED = 8  # buffers kept per (device, dtype, V); the kinds need at most 5 at once
 
 
@@ -330,13 +331,15 @@ def _is_free(buffer: Tensor) -> bool:
 def _scratch(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised ``(rows, vocab)`` tensor from the pool of chunk buffers.
 
-    A chunk's working tensors are the same few sizes every chunk and every step; allocated
-    fresh, each one larger than the allocator's cache (glibc keeps at most 32 MiB blocks and
-    trims the heap) costs page faults every time. A pooled buffer is handed out again once no
+    On the CPU, a chunk's working tensors are the same few sizes every chunk and every step;
+    allocated fresh, they cost page faults every time (glibc serves blocks above 32 MiB by
+    ``mmap`` and trims the freed heap). A pooled buffer is handed out again once no
     tensor refers to its storage any more (so a buffer still in use is never reused), and is
     kept between calls: at most :data:`DEFAULT_CHUNK_BYTES`-ish per thread, device and dtype,
     freed by :func:`release_workspace`.
     """
+    if device.type != "cpu" or not _CAN_POOL:  # a GPU's caching allocator already reuses
+        return torch.empty(rows, vocab, dtype=dtype, device=device)
     pool = _WORKSPACE.pools.setdefault((device, dtype, vocab), [])
     for buffer in pool:
         if buffer.shape[0] >= rows and _is_free(buffer):
