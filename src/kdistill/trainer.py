@@ -271,7 +271,8 @@ class TrainableModel(Protocol):
 
     :class:`~kdistill.distiller.Distiller` and :class:`~kdistill.schemes.base.Scheme` provide
     it. ``forward(inputs, target, teacher_outputs=..., index=...)`` returns ``loss`` (with
-    gradients), ``logits`` (detached, for the running train accuracy), any detached
+    gradients), ``logits`` (detached, for the running train accuracy; ``None`` or absent
+    when the model never forms them, e.g. a fused LM head — then no train accuracy), any detached
     ``"<part>_loss"`` scalars and optionally ``metrics`` (``{name: scalar}``, diagnostics
     logged as ``train_<name>`` whatever their name). ``student`` is the module evaluated every
     epoch and saved. A model may also define ``callbacks() -> list[Callback]`` (attached by
@@ -330,6 +331,7 @@ class _EpochSums:
     def __init__(self, partial: PartialEpoch) -> None:
         self.sums, self.correct = partial.sums, partial.correct
         self.seen, self.skipped = partial.seen, partial.skipped
+        self.has_accuracy = False  # set once a batch's logits gave a train accuracy
 
     def add(self, out: Mapping[str, Any], n: int, correct: Tensor | None) -> None:
         self.seen += n
@@ -341,6 +343,7 @@ class _EpochSums:
         self.sums["loss"] = self.sums.get("loss", 0.0) + out["loss"].detach() * n
         if correct is not None:
             self.correct += correct
+            self.has_accuracy = True
 
     def snapshot(self, epoch: int, step: int, elapsed_s: float) -> PartialEpoch:
         return PartialEpoch(
@@ -612,7 +615,7 @@ class Trainer:
                     counted = None if y is None else y != IGNORE_INDEX  # (B,) or (B, T)
                     n = _batch_size(x) if counted is None else int(counted.sum())
                     correct = None
-                    if counted is not None:
+                    if counted is not None and out.get("logits") is not None:
                         correct = ((out["logits"].argmax(-1) == y) & counted).sum()
                     sums.add(out, n, correct)
             else:
@@ -648,7 +651,8 @@ class Trainer:
             seen *= distributed.world_size()
         metrics = {f"train_{k}": (v / max(seen, 1)).item() for k, v in totals.items()}
         metrics.setdefault("train_loss", math.nan)  # every batch of the epoch was skipped
-        metrics["train_accuracy"] = correct.item() / max(seen, 1)
+        counted = sums.has_accuracy or not sums.seen  # a model without logits: no accuracy
+        metrics["train_accuracy"] = correct.item() / max(seen, 1) if counted else math.nan
         for name, values in self._logged.items():
             metrics[f"train_{name}"] = sum(values) / len(values)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
