@@ -83,6 +83,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from kdistill.distiller import IGNORE_INDEX  # the one definition; re-exported here
 from kdistill.lm.vocab import align_vocab
 from kdistill.losses._reduce import _check_mask, _compute_dtype
 
@@ -99,9 +100,6 @@ __all__ = [
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
 """The divergence names accepted as ``kind``."""
-
-IGNORE_INDEX = -100
-"""Hugging Face's label for tokens that do not count (padding, prompt)."""
 
 DEFAULT_CHUNK_BYTES = 32 << 20
 """Default working-memory budget of one chunk (32 MiB): ``chunk_size=None`` takes
