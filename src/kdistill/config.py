@@ -100,6 +100,52 @@ class DataConfig:
         _check_positive(self, "batch_size", "eval_batch_size")
         _check_optional_positive(self, "train_subset", "test_subset", "val_size")
         _check_non_negative(self, "num_workers")
+        self._check_source()
+
+    def _check_source(self) -> None:
+        """Each data source's keys, and only those: a key that would do nothing is an error."""
+        if self.factory is not None and self.name == "fashion_mnist":
+            self.name = "factory"  # data.factory alone says where the data comes from
+        if self.name == "factory" and not self.factory:
+            raise ConfigError("factory: data.name: factory needs factory: package.module:function")
+        if self.name != "factory" and (self.factory is not None or self.kwargs):
+            raise ConfigError(
+                f"factory: only for data.name: factory (got name {self.name!r}); remove "
+                "factory/kwargs or set name: factory"
+            )
+        if self.name == "factory" and self.root is not None:
+            raise ConfigError("root: data.name: factory reads no root; pass it in data.kwargs")
+        if self.name in ("image_folder", "npz") and not self.root:
+            what = "folder of class sub-folders" if self.name == "image_folder" else ".npz file"
+            raise ConfigError(f"root: data.name: {self.name} needs root: the {what}")
+        if self.name in BUILTIN_DATA:
+            defaults = {"image_size": None, "channels": None, "mean": None, "std": None}
+            custom = [k for k, v in defaults.items() if getattr(self, k) != v]
+            custom += ["test_fraction"] * (self.test_fraction != 0.2)
+            if custom:
+                raise ConfigError(
+                    f"{custom[0]}: has no effect on the built-in data set {self.name!r} (fixed "
+                    "size, split and statistics); remove it"
+                )
+        elif self.name != "image_folder" and (self.image_size, self.channels) != (None, None):
+            key = "image_size" if self.image_size is not None else "channels"
+            raise ConfigError(
+                f"{key}: only for data.name: image_folder (arrays and factories keep their "
+                "shape); remove it"
+            )
+        if self.name == "factory" and self.test_fraction != 0.2:
+            raise ConfigError("test_fraction: a factory returns its own test split; remove it")
+        if self.image_size is not None and (
+            len(self.image_size) not in (1, 2) or min(self.image_size) < 1
+        ):
+            raise ConfigError(
+                "image_size: expected [height, width] or [side] of positive integers, got "
+                f"{self.image_size}"
+            )
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels: must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
 
 
 @dataclass

@@ -34,6 +34,21 @@ class NaNTeacher(nn.Module):
         return torch.log(-self.head(x.flatten(1)).abs() - 1.0)
 '''
 
+MY_DATA = '''
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+
+def load(n: int = 40, seed: int = 0):
+    """A factory: a torch Dataset for training, an (inputs, labels) pair of arrays for test."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8))
+    y = torch.arange(n) % 10
+    test = (rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20) % 10)
+    return {"train": TensorDataset(x, y), "test": test, "classes": [f"c{i}" for i in range(10)]}
+'''
+
 
 @pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -67,4 +82,5 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     broken["head.weight"][0, 0] = float("nan")
     save_weights(root / "teacher_nan.safetensors", broken)
     (root / "bad_models.py").write_text(BAD_MODELS)
+    (root / "my_data.py").write_text(MY_DATA)
     return root

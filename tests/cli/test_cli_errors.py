@@ -298,6 +298,23 @@ def _cases(project: Path, work: Path) -> list[dict[str, Any]]:
             "expect": [],
         },
         {
+            "name": "factory from the config's folder",
+            "argv": [
+                "run",
+                str(project / "distill_npz.yaml"),
+                *_sets(
+                    out("factory"),
+                    "data.name=factory",
+                    "data.factory=my_data:load",
+                    "data.kwargs={n: 50}",
+                    "data.root=null",
+                    f"teacher.checkpoint={project / 'teacher_ok.safetensors'}",
+                ),
+            ],
+            "code": 0,
+            "expect": [],
+        },
+        {
             "name": "export",
             "argv": ["export", str(work / "good")],
             "code": 0,
@@ -441,6 +458,15 @@ def test_epoch_lines_are_printed_without_progress_bars_and_overwrite_clears_the_
     assert data["name"] == "image_folder" and data["image_files"] == 60
     assert data["train_samples"] + data["test_samples"] == 60 and data["num_classes"] == 10
     assert len(data["fingerprint"]["sha256"]) == 64 and data["bytes"] > 0
+
+
+def test_a_factory_next_to_the_config_feeds_a_run(driven: dict[str, Any]) -> None:
+    result = driven["results"]["factory from the config's folder"]
+    assert result["code"] == 0, result["stderr"]
+    data = json.loads((driven["work"] / "factory" / "summary.json").read_text())["data"]
+    assert data["factory"] == "my_data:load" and data["path"].endswith("my_data.py")
+    assert (data["train_samples"], data["test_samples"]) == (50, 20)
+    assert data["classes"][:2] == ["c0", "c1"] and data["input_range"] == [0.0, 1.0]
 
 
 def test_traceback_flag_and_debug_variable_show_the_stack(

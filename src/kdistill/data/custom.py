@@ -336,7 +336,7 @@ def _as_images(array: np.ndarray, where: str) -> Tensor:
     x = torch.from_numpy(np.ascontiguousarray(array))
     if x.dim() == 3:
         x = x.unsqueeze(1)
-    elif x.dim() == 4 and x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
+    elif x.dim() == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3, 4):
         x = x.permute(0, 3, 1, 2).contiguous()  # channels-last -> (N, C, H, W)
     elif x.dim() not in (2, 4):
         raise ConfigError(
