@@ -145,8 +145,21 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
 
 
 def run_config(run_dir: str | Path) -> ExperimentConfig:
-    """The validated config a run folder was trained with (from its ``summary.json``)."""
-    return config_from_dict(_read_json(Path(run_dir) / "summary.json")["config"])
+    """The validated config a run folder was trained with (from its ``summary.json``).
+
+    The run's model import folders are made importable again, and the folder its config
+    file was in is remembered (a relative ``data.root`` resolves as in the run).
+    """
+    from kdistill.config import CONFIG_DIR, add_import_dirs
+
+    summary = _read_json(Path(run_dir) / "summary.json")
+    cfg = config_from_dict(summary["config"])
+    add_import_dirs(*summary.get("import_dirs", []))
+    data = summary.get("data") or {}
+    if data.get("config_dir"):
+        object.__setattr__(cfg, CONFIG_DIR, Path(data["config_dir"]))
+    object.__setattr__(cfg, "_classes", data.get("classes"))
+    return cfg
 
 
 def student_weights(run_dir: str | Path) -> Path:
@@ -170,25 +183,25 @@ def load_run_student(run_dir: str | Path) -> tuple[nn.Module, ExperimentConfig]:
 
 
 def load_test_split(cfg: ExperimentConfig) -> tuple[Tensor, Tensor]:
-    """The configured data set's test images and labels (same subset as the run)."""
-    from kdistill.data import cifar_dataset, fashion_mnist_dataset
+    """The configured data set's test inputs and labels (same subset and preprocessing as the
+    run: built-in sets, image folders, ``.npz`` arrays or a ``data.factory``)."""
+    from kdistill.config import config_dir
+    from kdistill.data.sources import load_split
 
     d = cfg.data
-    if d.name == "fashion_mnist":
-        data = fashion_mnist_dataset("test", root=d.root, subset=d.test_subset, seed=cfg.seed)
-    else:
-        data = cifar_dataset(d.name, "test", root=d.root, subset=d.test_subset, seed=cfg.seed)
-    return data.tensors[0], data.tensors[1]
+    return load_split(d, "test", d.test_subset, cfg.seed, config_dir(cfg))
 
 
 def class_names(cfg: ExperimentConfig, num_classes: int) -> tuple[str, ...]:
     """Human class names when the data set has them, else ``"0"``, ``"1"``, …"""
     from kdistill.data import FASHION_MNIST_CLASSES, cifar_class_names
 
-    names: tuple[str, ...] = ()
-    if cfg.data.name == "fashion_mnist":
+    names: tuple[str, ...] = tuple(getattr(cfg, "_classes", None) or ())
+    if names:
+        pass  # recorded by the run (image folders, npz class lists)
+    elif cfg.data.name == "fashion_mnist":
         names = FASHION_MNIST_CLASSES
-    else:
+    elif cfg.data.name in ("cifar10", "cifar100"):
         try:
             names = cifar_class_names(cfg.data.name, cfg.data.root)  # type: ignore[arg-type]
         except (FileNotFoundError, ValueError):

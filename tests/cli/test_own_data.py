@@ -71,3 +71,7 @@ def test_example_distils_own_classes_on_an_image_folder_and_on_npz_arrays(
     rows = [line.split("\t") for line in predicted.stdout.strip().splitlines()]
     assert len(rows) == 4 and all(0 <= int(r[1]) < 10 for r in rows)
     assert {r[2] for r in rows} <= {p.name for p in (project / "images").iterdir()}
+    # the report reads the run's own test split and class names (not a built-in data set)
+    report = kdistill("report", str(run_dir), cwd=other)
+    _ok(report)
+    assert (run_dir / "report.md").is_file() and "confusion" in report.stdout

@@ -201,6 +201,7 @@ def data_record(
             "train_subset": data.train_subset,
             "test_subset": data.test_subset,
             "input_shape": list(train[0].shape[1:]),
+            "config_dir": str(config_dir) if config_dir else None,  # relative paths resolve here
             "num_classes": record.get("num_classes")
             or (len(record["classes"]) if record.get("classes") else int(labels.max()) + 1),
         }

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from kdistill.config import (
+    CONFIG_DIR,
     ConfigError,
     ExperimentConfig,
     ModelConfig,
@@ -286,8 +287,14 @@ def split_scheme_dict(data: dict[str, Any]) -> tuple[ExperimentConfig, SchemeCon
 def load_scheme_config(
     path: str | Path, overrides: list[str] | tuple[str, ...] = ()
 ) -> tuple[ExperimentConfig, SchemeConfig]:
-    """Read a scheme YAML file, apply ``key.sub=value`` overrides, and validate both parts."""
-    return split_scheme_dict(read_config_file(path, overrides))
+    """Read a scheme YAML file, apply ``key.sub=value`` overrides, and validate both parts.
+
+    As for a plain experiment, the file's folder is remembered (relative ``data.root`` and
+    model imports resolve there too).
+    """
+    cfg, scheme = split_scheme_dict(read_config_file(path, overrides))
+    object.__setattr__(cfg, CONFIG_DIR, Path(path).expanduser().absolute().parent)
+    return cfg, scheme
 
 
 def has_scheme(path: str | Path) -> bool:

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from kdistill import distributed
 from kdistill.checkpoint import atomic_write_text, save_weights
-from kdistill.config import ConfigError, ExperimentConfig, ModelConfig, given_keys
+from kdistill.config import ConfigError, ExperimentConfig, ModelConfig, config_dir, given_keys
 from kdistill.data.loader import TensorBatchLoader, random_shift_flip
+from kdistill.data.sources import data_record
 from kdistill.distiller import Distiller, LossTerm
 from kdistill.experiment import (
     augmentation,
@@ -169,6 +170,7 @@ def run_scheme(
         "epochs": cfg.train.epochs,
         "train_samples": int(train[0].shape[0]),
         "seconds": sum(r["epoch_time_s"] for r in fit.history),
+        "data": data_record(cfg.data, cfg.seed, train, test, config_dir(cfg)),  # what was read
         "config": cfg.to_dict(),
     }
     if built.after is not None and distributed.is_main():  # evaluations and files: rank 0
