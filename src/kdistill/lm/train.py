@@ -969,9 +969,10 @@ def _logits_size(model: nn.Module | None, tokenizer: Any, key: str) -> int:
     size = _vocab_size(tokenizer)
     if model is None:
         return size
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hf: Any = model  # a Hugging Face model (or a wrapper of one)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    rows = int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
+    rows = int(weight.shape[0]) if weight is not None else int(hf.config.vocab_size)
     if rows < size:
         raise ConfigError(
             f"{key}: the model predicts {rows} ids but its tokenizer "
