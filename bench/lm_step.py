@@ -20,6 +20,11 @@ variant in a fresh subprocess with one thread:
 * ``topk`` / ``fused_topk`` — a cached top-k teacher (``--k``, computed before the timed loop
   and the teacher deleted): :func:`kdistill.lm.topk.topk_divergence` on student logits vs
   :func:`kdistill.lm.fused.fused_topk_divergence` on hidden states;
+* ``lm_default`` / ``lm_default_topk`` — what ``kdistill lm`` token KD trains at its defaults
+  (``distill.fused: auto``): :class:`kdistill.lm.fused_run.FusedTokenKD`, the model the Trainer
+  runs, with the live teacher (its hidden states and ``lm_head``) or the cached top-k, the
+  divergence JSD ``--beta`` and ``alpha = 1`` (KD alone, as TRL's GKD loss; ``--lm-alpha``),
+  chunks from the default byte budget (``chunk_bytes`` unset);
 * ``trl`` (only with ``--trl-python``) — OPTIONAL, TRL's GKD loss
   ``trl.GKDTrainer.generalized_jsd_loss`` on full logits, in the same step loop, run by the
   given interpreter (a venv with ``trl``, ``torch`` and ``transformers``; kdistill is not
@@ -51,8 +56,8 @@ from pathlib import Path
 from typing import Any
 
 DENSE = ("plain_old", "budget", "fused", "fused_teacher_hidden")
-TOPK = ("topk", "fused_topk")
-VARIANTS = (*DENSE, "ce", *TOPK)
+TOPK = ("topk", "fused_topk", "lm_default_topk")
+VARIANTS = (*DENSE, "lm_default", "ce", *TOPK)
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
@@ -186,6 +191,28 @@ def _loss_fn(variant: str, args: argparse.Namespace, teacher: Any, student: Any)
         s_logits = student(input_ids=ids).logits
         return topk_divergence(s_logits, values, indices, rest, "jsd", labels=labels, **kw)
 
+    if variant in ("lm_default", "lm_default_topk"):  # kdistill lm's own model (Trainer path)
+        from kdistill.lm.fused_run import FusedTokenKD
+
+        model = FusedTokenKD(
+            student,
+            teacher if variant == "lm_default" else None,
+            kind="jsd",
+            beta=args.beta,
+            alpha=args.lm_alpha,
+        )
+
+        def lm_default(ids: Any, labels: Any, cached: Any) -> Any:
+            packed = None
+            if cached is not None:
+                from kdistill.lm.topk import TOPK as KEY
+                from kdistill.lm.topk import pack_topk
+
+                packed = {KEY: pack_topk(*cached)}
+            return model({"input_ids": ids}, labels, teacher_outputs=packed)["loss"]
+
+        return lm_default
+
     table = {"ce": ce, "topk": topk, "fused_topk": topk, "fused": fused}
     table["fused_teacher_hidden"] = fused
     return table.get(variant, dense)
@@ -275,7 +302,7 @@ def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _child_argv(args: argparse.Namespace, variant: str, python: str) -> list[str]:
     keep = ("vocab", "hidden", "intermediate", "heads", "kv_heads", "batch", "seq", "steps")
-    keep += ("warmup", "seed", "beta", "lr", "chunk_bytes", "k", "folder")
+    keep += ("warmup", "seed", "beta", "lr", "chunk_bytes", "k", "lm_alpha", "folder")
     argv = [python, __file__, "--child", variant]
     for name in keep:
         argv.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
@@ -339,6 +366,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--chunk-bytes", type=int, default=32 << 20)
     parser.add_argument("--k", type=int, default=32, help="top-k of the cached-teacher variants")
+    parser.add_argument(
+        "--lm-alpha", type=float, default=1.0, help="alpha of the lm_default variants (KD weight)"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument(
         "--trl-python", help="OPTIONAL: a Python with trl installed; adds the 'trl' variant"

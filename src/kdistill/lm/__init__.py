@@ -10,7 +10,12 @@ Token-level losses:
   unchunked computation.
 - :func:`fused_linear_divergence` / :class:`FusedLinearDivergenceLoss` — the same from the
   student's hidden states and ``lm_head`` weight, never materialising its full logits
-  (after Liger-Kernel's fused linear JSD).
+  (after Liger-Kernel's fused linear JSD); :func:`fused_topk_divergence` /
+  :class:`FusedTopKDivergenceLoss` against a cached top-k teacher;
+  :func:`causal_lm_head_inputs` reads a causal LM's hidden states and head;
+  :class:`FusedTokenKD` is ``kdistill lm``'s fused objective (``distill.fused``).
+  Chunks are sized by a byte budget (:data:`DEFAULT_CHUNK_BYTES`; the pooled chunk buffers
+  are freed by :func:`release_workspace`).
 - :func:`align_vocab` / :func:`shared_vocab_size` — equal vocabularies, padded
   vocabularies (151,936 vs 152,064) and the error for different tokenizers.
 
@@ -55,14 +60,23 @@ from kdistill.lm.distilbert import (
     mask_tokens,
 )
 from kdistill.lm.divergences import (
+    DEFAULT_CHUNK_BYTES,
     DEFAULT_CHUNK_ELEMENTS,
     IGNORE_INDEX,
     KINDS,
     TokenDivergenceLoss,
+    release_workspace,
     token_divergence,
     token_divergence_reference,
 )
-from kdistill.lm.fused import FusedLinearDivergenceLoss, fused_linear_divergence
+from kdistill.lm.fused import (
+    FusedLinearDivergenceLoss,
+    FusedTopKDivergenceLoss,
+    causal_lm_head_inputs,
+    fused_linear_divergence,
+    fused_topk_divergence,
+)
+from kdistill.lm.fused_run import FusedTokenKD
 from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss, token_cross_entropy
 from kdistill.lm.seqkd import (
     GenerationSettings,
@@ -74,6 +88,7 @@ from kdistill.lm.student_init import init_student_from_teacher
 from kdistill.lm.vocab import MAX_PAD_FRACTION, PAD_MULTIPLE, align_vocab, shared_vocab_size
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CHUNK_ELEMENTS",
     "DISTILBERT_TEMPERATURE",
     "DISTILBERT_WEIGHTS",
@@ -85,6 +100,8 @@ __all__ = [
     "CausalLMCollator",
     "ExampleLoader",
     "FusedLinearDivergenceLoss",
+    "FusedTokenKD",
+    "FusedTopKDivergenceLoss",
     "GenerationSettings",
     "HiddenCosineLoss",
     "MLMCollator",
@@ -95,15 +112,18 @@ __all__ = [
     "TokenKDLoss",
     "align_vocab",
     "build_seqkd_examples",
+    "causal_lm_head_inputs",
     "causal_lm_labels",
     "distilbert_loss",
     "distilbert_terms",
     "evaluate_lm",
     "fused_linear_divergence",
+    "fused_topk_divergence",
     "generate_completions",
     "init_student_from_teacher",
     "mask_tokens",
     "model_outputs",
+    "release_workspace",
     "shared_vocab_size",
     "token_cross_entropy",
     "token_divergence",

@@ -25,6 +25,18 @@ Objectives (``distill.objective``):
   ``temperature``, ``restrict_to_masked``, ``mlm_probability``); for BERT-like models
   with an MLM head.
 
+Memory (every causal objective): ``distill.chunk_bytes`` is the working-memory budget of one
+chunk of the divergence (default 32 MiB; rows = budget / (vocabulary × bytes per row)), or
+``chunk_size`` fixes the rows (not both). ``distill.fused`` (``auto`` | ``true`` | ``false``):
+the KD and cross-entropy terms computed from the student's last hidden states and ``lm_head``
+chunk by chunk, so its ``(tokens × vocab)`` logits are never formed, and the live teacher's
+neither (its hidden states and head, :class:`~kdistill.lm.fused_run.FusedTokenKD`); same
+losses and gradients as the plain terms. ``auto`` (default) fuses ``token_kd`` with a
+same-tokenizer live teacher or the top-k cache, ``seqkd`` and ``gkd`` whenever ``alpha > 0``
+(``gkd`` always) and the models are Hugging Face causal LMs, under DDP and FSDP too; not
+``distilbert``, ``cross_tokenizer`` or ``data.generated_file`` runs (``true`` there is an
+error naming why). A fused run logs no train accuracy (no logits).
+
 Tokenizers: ``data.tokenizer`` is the student's; ``teacher.tokenizer`` the teacher's (default
 the shipped teacher's own, else its ``path`` when the folder holds a tokenizer, else the
 student's). When they differ (another vocabulary), ``token_kd`` needs
@@ -363,6 +375,10 @@ class LMDistillConfig:
         None  # null: 1 (token objectives, no T²); distilbert 2 (T² included)
     )
     chunk_size: int | None = None  # tokens per chunk of the divergence; null: automatic
+    # bytes of working memory per chunk of the divergence (null: 32 MiB); not with chunk_size
+    chunk_bytes: int | None = None
+    # the student's logits never formed (lm.fused_run): auto = wherever the objective allows
+    fused: Literal["auto", True, False] = "auto"
     alpha: float = 0.5  # weight of the soft (teacher) term; 1 − alpha on cross-entropy
     weights: dict[str, float] = field(default_factory=dict)  # distilbert: kd / mlm / cos
     restrict_to_masked: bool = False  # distilbert: KD on masked positions only
@@ -394,7 +410,12 @@ class LMDistillConfig:
             raise ConfigError(f"beta: must be in [0, 1], got {self.beta}")
         if not 0.0 <= self.skew_alpha < 1.0:
             raise ConfigError(f"skew_alpha: must be in [0, 1), got {self.skew_alpha}")
-        _check_optional_positive(self, "temperature", "chunk_size")
+        _check_optional_positive(self, "temperature", "chunk_size", "chunk_bytes")
+        if self.chunk_size is not None and self.chunk_bytes is not None:
+            raise ConfigError(
+                f"chunk_bytes: give chunk_size (tokens per chunk, here {self.chunk_size}) or "
+                f"chunk_bytes (a memory budget, here {self.chunk_bytes}), not both; remove one"
+            )
         _check_positive(self, "cache_topk")
         if self.cache_dir is not None and self.objective != "token_kd":
             raise ConfigError(

@@ -85,6 +85,7 @@ from kdistill.lm.distilbert import (
     distilbert_terms,
     last_layer_name,
 )
+from kdistill.lm.fused_run import FusedTokenKD
 from kdistill.lm.generated import (
     CoveredTopKTokenKDLoss,
     GeneratedData,
@@ -428,7 +429,7 @@ class LMRun:
     teacher: nn.Module | None
     student: nn.Module
     tokenizer: Any
-    distiller: Distiller
+    distiller: Distiller | FusedTokenKD  # FusedTokenKD: distill.fused
     train_loader: Any
     eval_loader: ExampleLoader
     info: dict[str, Any] = field(default_factory=dict)
@@ -499,6 +500,65 @@ def _token_kd(cfg: LMExperimentConfig) -> TokenKDLoss:
         skew_alpha=d.skew_alpha,
         temperature=d.resolved_temperature,
         chunk_size=d.chunk_size,
+        chunk_bytes=d.chunk_bytes,
+    )
+
+
+# --------------------------------------------------------------------------- fused head
+
+
+def _fused_unsupported(run: LMSetup, kd_weight: float) -> str | None:
+    """Why this run's KD + CE objective cannot go through :class:`FusedTokenKD`, or ``None``.
+
+    The fused head needs a Hugging Face causal-LM student (``get_decoder`` /
+    ``get_output_embeddings``), a teacher term (``kd_weight > 0``), a teacher that is a
+    same-tokenizer causal LM (live) or the top-k cache. DDP and FSDP2 (``train.parallel``)
+    both work: the student's forward gathers its sharded parameters and ``lm_head`` is in the
+    root unit, which stays unsharded until the backward.
+    """
+    d = run.cfg.distill
+    if d.objective == "distilbert":
+        return "objective distilbert is a masked-LM triple loss (no causal head to fuse)"
+    if d.cross_tokenizer is not None:
+        return "distill.cross_tokenizer compares byte-aligned positions of two vocabularies"
+    if run.generated is not None:
+        return "data.generated_file runs train on the file's covered top-k (plain path only)"
+    if kd_weight <= 0:
+        return "distill.alpha: 0 trains on cross-entropy alone (no teacher term to fuse)"
+    models = [("student", run.student)]
+    if d.cache_dir is None:
+        models.append(("teacher", run.teacher))
+    for who, model in models:
+        inner = getattr(model, "get_output_embeddings", None)
+        head = inner() if callable(inner) else None
+        decoder = getattr(model, "get_decoder", None)
+        if not callable(decoder) or not isinstance(getattr(head, "weight", None), Tensor):
+            name = type(model).__name__
+            return f"the {who} ({name}) is not a Hugging Face causal LM with an lm_head"
+    return None
+
+
+def _fused_model(run: LMSetup, kd_weight: float, cached: bool) -> FusedTokenKD | None:
+    """The fused objective model when ``distill.fused`` asks for it and the run allows it
+    (``auto``: wherever it applies; ``true``: a :class:`ConfigError` naming why not)."""
+    d = run.cfg.distill
+    if d.fused is False:
+        return None
+    reason = _fused_unsupported(run, kd_weight)
+    if reason is not None:
+        if d.fused is True:
+            raise ConfigError(f"distill.fused: true cannot apply here — {reason}; use auto/false")
+        return None
+    return FusedTokenKD(
+        run.student,
+        None if cached else run.teacher,
+        kind=d.divergence,
+        beta=d.beta,
+        skew_alpha=d.skew_alpha,
+        temperature=d.resolved_temperature,
+        alpha=kd_weight,
+        chunk_size=d.chunk_size,
+        chunk_bytes=d.chunk_bytes,
     )
 
 
@@ -809,6 +869,8 @@ class LMObjective:
     eval_loader: ExampleLoader
     info: dict[str, Any] = field(default_factory=dict)
     teacher_eval_loader: ExampleLoader | None = None  # the teacher's own tokens, if not shared
+    # what the Trainer trains instead of a Distiller of ``terms`` (distill.fused: the head)
+    model: FusedTokenKD | None = None
 
 
 def _kd_and_ce(cfg: LMExperimentConfig, kd: LossTerm) -> list[LossTerm]:
@@ -847,7 +909,9 @@ def _build_token_kd(run: LMSetup) -> LMObjective:
         )
         kd = LossTerm("kd", topk, weight=d.alpha, teacher=TOPK)
     loader = run.shuffled(examples, collate)
-    return LMObjective(_kd_and_ce(cfg, kd), loader, run.causal_eval_loader(), info)
+    fused = _fused_model(run, d.alpha, cached=d.cache_dir is not None)
+    terms = [] if fused is not None else _kd_and_ce(cfg, kd)
+    return LMObjective(terms, loader, run.causal_eval_loader(), info, model=fused)
 
 
 # --------------------------------------------------------------------------- cross-tokenizer
@@ -1023,7 +1087,9 @@ def _build_seqkd(run: LMSetup) -> LMObjective:
     )
     kd = LossTerm("kd", _token_kd(run.cfg), weight=run.cfg.distill.alpha)
     loader = run.shuffled(examples, run.causal_collate())
-    return LMObjective(_kd_and_ce(run.cfg, kd), loader, run.causal_eval_loader(), info)
+    fused = _fused_model(run, run.cfg.distill.alpha, cached=False)
+    terms = [] if fused is not None else _kd_and_ce(run.cfg, kd)
+    return LMObjective(terms, loader, run.causal_eval_loader(), info, model=fused)
 
 
 def _build_seqkd_from_file(run: LMSetup) -> LMObjective:
@@ -1031,6 +1097,7 @@ def _build_seqkd_from_file(run: LMSetup) -> LMObjective:
     teacher); ``alpha`` > 0 adds token KD on the file's top-k (:mod:`kdistill.lm.generated`)."""
     cfg, d, data = run.cfg, run.cfg.distill, run.generated
     assert data is not None
+    _fused_model(run, d.alpha, cached=True)  # distill.fused: true is an error here
     collate: Any = run.causal_collate()
     if data.k is not None:  # alpha > 0: the rows ride along as teacher.topk
         collate = GeneratedTopKCollator(collate, data.k)
@@ -1071,14 +1138,16 @@ def _build_gkd(run: LMSetup) -> LMObjective:
         ),
         seed=cfg.seed,
     )
-    terms = [LossTerm("kd", _token_kd(cfg), weight=1.0)]
-    return LMObjective(terms, loader, run.causal_eval_loader(), info)
+    fused = _fused_model(run, 1.0, cached=False)
+    terms = [] if fused is not None else [LossTerm("kd", _token_kd(cfg), weight=1.0)]
+    return LMObjective(terms, loader, run.causal_eval_loader(), info, model=fused)
 
 
 def _build_distilbert(run: LMSetup) -> LMObjective:
     """DistilBERT (Sanh et al. 2019): soft-target KD + masked-LM + hidden-state cosine."""
     cfg, d, tokenizer, teacher = run.cfg, run.cfg.distill, run.tokenizer, run.teacher
     assert teacher is not None
+    _fused_model(run, 1.0, cached=False)  # distill.fused: true is an error here
     collate = MLMCollator(
         pad_token_id=run.pad,
         mask_token_id=tokenizer.mask_token_id,
@@ -1296,9 +1365,14 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
         _for_several_processes(objective)
     if len(objective.train_loader) == 0:
         raise ConfigError("data: no training batch (too few texts for data.batch_size)")
-    live = any(t.uses_teacher and t.teacher != TOPK for t in objective.terms)
-    distiller = Distiller(student, objective.terms, teacher=teacher if live else None)
+    distiller: Distiller | FusedTokenKD
+    if objective.model is not None:  # distill.fused: the student's logits are never formed
+        distiller = objective.model
+    else:
+        live = any(t.uses_teacher and t.teacher != TOPK for t in objective.terms)
+        distiller = Distiller(student, objective.terms, teacher=teacher if live else None)
     info = {"train_texts": len(train_ids), "eval_texts": len(eval_ids), **objective.info}
+    info["fused"] = objective.model is not None
     if data_info:
         info["data"] = data_info  # what was read: fingerprint, records, tokenisation counts
     return LMRun(
