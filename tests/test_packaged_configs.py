@@ -29,12 +29,14 @@ def test_packaged_config_is_valid(path: Path) -> None:
     assert build_terms(cfg.distill, cfg.teacher is not None)
 
 
-# Scheme examples (examples/schemes/) have their own runner and are run in tests/schemes/;
-# LM examples (examples/lm/, `kdistill lm`) are run in tests/lm/test_lm_train.py.
+# Scheme examples (examples/schemes/) have their own runner and are run in tests/schemes/ and
+# tests/test_run_path.py; LM examples (examples/lm/, `kdistill lm`) in tests/lm/; dense-task
+# examples (examples/dense/) in tests/dense/test_run.py; the own-data example
+# (examples/own_data/, data the test generates) in tests/cli/test_own_data.py.
 EXAMPLES = sorted(
     p
     for p in (Path(__file__).resolve().parents[1] / "examples").rglob("*.yaml")
-    if p.parent.name not in ("schemes", "lm")
+    if p.parent.name not in ("schemes", "lm", "dense", "own_data")
 )
 
 

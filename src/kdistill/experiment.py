@@ -431,7 +431,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
     distiller = Distiller(student, terms, teacher if any(t.uses_teacher for t in terms) else None)
     distiller.build_adapters(example)
     terms_built = [t for t in distiller.terms if isinstance(t, LossTerm)]
-    check_shapes(student_logits, teacher_logits, data_used["num_classes"], terms_built, context)
+    labels_seen = int(max(int(train_y.max()), int(test_y.max()))) + 1  # the classes trained on
+    check_shapes(student_logits, teacher_logits, labels_seen, terms_built, context)
     if teacher is not None:
         teacher.register_forward_hook(_finite_teacher_outputs)
 
