@@ -875,7 +875,12 @@ def _format_row(row: Mapping[str, Any]) -> str:
     skipped = row.get("skipped_steps", 0)
     return (
         f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
-        f"train_acc {row['train_accuracy']:.4f} test_acc {row['test_accuracy']:.4f} "
+        + (
+            f"train_acc {row['train_accuracy']:.4f} "
+            if math.isfinite(row.get("train_accuracy", math.nan))
+            else ""
+        )
+        + f"test_acc {row['test_accuracy']:.4f} "
         + (f"skipped {skipped} non-finite steps " if skipped else "")
         + f"({row['epoch_time_s']:.1f}s)"
     )
