@@ -65,6 +65,8 @@ RESUMABLE_DIFFERENCES = (
     "data.eval_batch_size",
     "distill.cache_dir",  # the on-disk teacher cache holds what the in-memory one would
     "distill.cache_rebuild",
+    "distill.fused",  # kdistill lm: the fused head path equals the plain one to float rounding
+    "distill.chunk_bytes",  # a chunk size changes only the float summation order
     "output_dir",
 )
 
