@@ -497,13 +497,14 @@ def paired_differences(point: SweepPoint, reference: SweepPoint, name: str) -> l
     return [100 * (mine[r.seed] - getattr(r, name)) for r in reference.runs if r.seed in mine]
 
 
-def verdict(differences: Sequence[float]) -> str:
-    """``wins`` / ``loses`` when the mean paired difference exceeds its seed-to-seed spread
-    (the std of the differences), else ``no difference``."""
+def verdict(differences: Sequence[float], spread: float = 0.0) -> str:
+    """``wins`` / ``loses`` when the mean paired difference exceeds the seed spread — the
+    std of the differences and ``spread`` (the arms' own seed-to-seed std), whichever is
+    larger — else ``no difference``."""
     if len(differences) < 2:
         return "one seed"
-    mean, std = statistics.fmean(differences), statistics.stdev(differences)
-    if abs(mean) <= std or mean == 0:
+    mean = statistics.fmean(differences)
+    if abs(mean) <= max(statistics.stdev(differences), spread) or mean == 0:
         return "no difference"
     return "wins" if mean > 0 else "loses"
 
@@ -538,7 +539,8 @@ def markdown_table(result: SweepResult, keys: Sequence[str]) -> str:
                 diffs = paired_differences(point, reference, "test_accuracy")
                 mean = statistics.fmean(diffs) if diffs else math.nan
                 std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-                cells += [f"{mean:+.2f} ± {std:.2f}", verdict(diffs)]
+                spread = 100 * max(point.std("test_accuracy"), reference.std("test_accuracy"))
+                cells += [f"{mean:+.2f} ± {std:.2f}", verdict(diffs, spread)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -144,6 +144,9 @@ def test_verdict_needs_the_mean_difference_beyond_its_spread() -> None:
     assert verdict([-1.0, -1.2, -0.8]) == "loses"
     assert verdict([1.0, -0.5, 0.2]) == "no difference"
     assert verdict([1.0]) == "one seed"
+    # the arms' own seed-to-seed spread counts too: +0.09 ± 0.07 within a 0.3-point spread
+    assert verdict([0.16, 0.09, 0.02], spread=0.3) == "no difference"
+    assert verdict([0.16, 0.09, 0.02]) == "wins"
 
 
 def test_equal_scores_are_reported_as_a_tie() -> None:
