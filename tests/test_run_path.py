@@ -236,3 +236,18 @@ def test_a_section_a_scheme_does_not_read_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"distill: the mutual scheme does not read"):
         run_scheme_file(config)
+
+
+def test_a_scheme_run_reports_validation_accuracy(tmp_path: Path) -> None:
+    """``data.val_size`` in a scheme file: trained on the rest, scored on it every epoch."""
+    try:
+        find_fashion_mnist()
+    except DatasetNotFoundError as err:
+        pytest.skip(str(err))
+    from kdistill.schemes.runner import run_scheme_file
+
+    overrides = [*TINY_VISION, "data.val_size=200", "train.progress=false"]
+    result = run_scheme_file(SCHEMES / "dml.yaml", [*overrides, f"output_dir={tmp_path}"])
+    assert 0.0 <= result.summary["val_accuracy"] <= 1.0 and result.summary["val_samples"] == 200
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["val_accuracy"] == result.summary["val_accuracy"]

@@ -880,6 +880,7 @@ def _format_row(row: Mapping[str, Any]) -> str:
             if math.isfinite(row.get("train_accuracy", math.nan))
             else ""
         )
+        + (f"val_acc {row['val_accuracy']:.4f} " if "val_accuracy" in row else "")
         + f"test_acc {row['test_accuracy']:.4f} "
         + (f"skipped {skipped} non-finite steps " if skipped else "")
         + f"({row['epoch_time_s']:.1f}s)"

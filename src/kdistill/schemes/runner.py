@@ -32,11 +32,14 @@ from kdistill.data.loader import TensorBatchLoader, random_shift_flip
 from kdistill.data.sources import data_record
 from kdistill.distiller import Distiller, LossTerm
 from kdistill.experiment import (
+    ValidationCallback,
+    _val_summary,
     augmentation,
     build_terms,
     cached_teacher_outputs,
     load_data,
     load_model,
+    load_validation,
     probe_terms,
 )
 from kdistill.losses import LabelSmoothingCrossEntropy
@@ -146,6 +149,12 @@ def run_scheme(
             f"data.batch_size: {cfg.data.batch_size} is more than the {train[0].shape[0]} "
             "training samples (the last short batch is dropped)"
         )
+    val = load_validation(cfg)  # data.val_size: held out of training, scored every epoch
+    callbacks = (
+        []
+        if val is None
+        else [ValidationCallback(TensorBatchLoader(*val, batch_size=cfg.data.eval_batch_size))]
+    )
     trainer = build_trainer(
         built.model,
         train_loader,
@@ -155,6 +164,7 @@ def run_scheme(
         output_dir=cfg.output_dir,
         config={**cfg.to_dict(), "scheme": scheme.to_dict()},
         device=run.device,
+        callbacks=callbacks,
     )
     fit = trainer.fit(resume=resume)
     summary: dict[str, Any] = {
@@ -170,6 +180,7 @@ def run_scheme(
         "epochs": cfg.train.epochs,
         "train_samples": int(train[0].shape[0]),
         "seconds": sum(r["epoch_time_s"] for r in fit.history),
+        **_val_summary(fit, val),
         "data": data_record(cfg.data, cfg.seed, train, test, config_dir(cfg)),  # what was read
         "config": cfg.to_dict(),
     }
