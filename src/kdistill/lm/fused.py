@@ -69,6 +69,7 @@ from kdistill.lm.divergences import (
     _value_and_grads,
     _working_set,
 )
+from kdistill.lm.topk import teacher_buckets
 from kdistill.lm.vocab import shared_vocab_size
 from kdistill.losses._reduce import _compute_dtype
 
@@ -578,28 +579,6 @@ class FusedLinearDivergenceLoss(DivergenceSettings):
 # --------------------------------------------------------------------------- cached top-k teacher
 
 
-def _teacher_buckets(
-    values: Tensor,  # (n, k) teacher log-probabilities at T = 1
-    rest: Tensor,  # (n,) log of the teacher's mass outside the top-k
-    vocab: int,
-    temperature: float,
-    dtype: torch.dtype,
-) -> Tensor:
-    """The teacher's ``k + 1`` bucket logits ``(n, k + 1)`` (``(n, k)`` when ``k = V``).
-
-    ``values / T`` and, for the rest, ``R`` at ``T = 1`` or ``(R − log n) / T + log n`` with
-    ``n = V − k`` (a residual spread evenly) — the rule of ``kdistill.lm.topk.topk_buckets``.
-    """
-    k = values.shape[-1]
-    top = values.to(dtype) / temperature
-    if k == vocab:
-        return top
-    r = rest.to(dtype).unsqueeze(-1)  # (n, 1)
-    log_n = math.log(vocab - k)
-    r = r if temperature == 1.0 else (r - log_n) / temperature + log_n
-    return torch.cat([top, r], dim=-1)
-
-
 def _topk_chunk(
     z: Tensor,  # (n, V) fresh student logits of the chunk, overwritten
     idx: Tensor,  # (n, k) int64 teacher top-k ids
@@ -692,7 +671,7 @@ def _fused_topk(
         value, g = _topk_chunk(
             box.pop(),  # (n, V), handed over: overwritten and freed inside
             take(indices, start, stop, idx).long(),
-            _teacher_buckets(
+            teacher_buckets(
                 take(values, start, stop, idx),
                 take(rest, start, stop, idx),
                 vocab,

@@ -30,6 +30,7 @@ __all__ = [
     "TopKTokenKDLoss",
     "densify_topk",
     "pack_topk",
+    "teacher_buckets",
     "topk_buckets",
     "topk_divergence",
     "unpack_topk",
@@ -90,14 +91,30 @@ def topk_buckets(
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float64 stays float64
     s = student_logits.to(dtype) / temperature  # (..., V)
     s_top = s.gather(-1, idx)  # (..., k)
-    t_top = values.to(dtype) / temperature  # (..., k)
+    teacher = teacher_buckets(values, rest_log_mass, vocab, temperature, dtype)
     if k == vocab:  # nothing outside the top-k: no rest bucket
-        return s_top, t_top
+        return s_top, teacher
     s_rest = s.scatter(-1, idx, -math.inf).logsumexp(dim=-1, keepdim=True)  # (..., 1)
+    return torch.cat([s_top, s_rest], dim=-1), teacher
+
+
+def teacher_buckets(
+    values: Tensor, rest_log_mass: Tensor, vocab: int, temperature: float, dtype: torch.dtype
+) -> Tensor:
+    """The teacher's ``k + 1`` bucket logits ``(..., k + 1)`` (``(..., k)`` when ``k = V``).
+
+    ``values / T`` and, for the rest, ``R`` at ``T = 1`` or ``(R − log n) / T + log n`` with
+    ``n = V − k`` (a residual spread evenly). The one rule every top-k loss uses (the plain
+    :func:`topk_buckets` and the fused ``kdistill.lm.fused.fused_topk_divergence``).
+    """
+    k = values.shape[-1]
+    top = values.to(dtype) / temperature  # (..., k)
+    if k == vocab:
+        return top
     r = rest_log_mass.to(dtype).unsqueeze(-1)  # (..., 1)
     log_n = math.log(vocab - k)
-    t_rest = r if temperature == 1.0 else (r - log_n) / temperature + log_n
-    return torch.cat([s_top, s_rest], dim=-1), torch.cat([t_top, t_rest], dim=-1)
+    r = r if temperature == 1.0 else (r - log_n) / temperature + log_n
+    return torch.cat([top, r], dim=-1)
 
 
 def topk_divergence(
