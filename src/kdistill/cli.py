@@ -123,9 +123,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         result = run_generate(load_generate_config(args.config, args.set))
-    except EndpointUnavailable as err:
-        print(f"kdistill: error: {err}", file=sys.stderr)
-        return 1
+    except EndpointUnavailable as err:  # a server that is down or unreachable: the user's to fix
+        print(
+            f"kdistill: error: {err}; rerun once it answers (finished records are kept)",
+            file=sys.stderr,
+        )
+        return 2
     note = f"; cut a torn last line ({result.truncated_bytes} B)" if result.truncated_bytes else ""
     print(
         f"{result.samples_written} samples written, {result.samples_skipped} already there, "

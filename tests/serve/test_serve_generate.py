@@ -157,15 +157,16 @@ def test_401_stops_with_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.
     assert "KD_TEST_KEY" in err and KEY not in err and err.count("\n") == 1
 
 
-def test_server_down_exits_1_and_keeps_nothing_torn(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_server_down_exits_2_naming_the_endpoint_and_keeps_nothing_torn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("KD_TEST_KEY", KEY)
     data = _config(tmp_path, "http://127.0.0.1:9/v1", _prompts(tmp_path, 2))
     data["teacher"]["max_retries"] = 1
     config = tmp_path / "gen.yaml"
     config.write_text(yaml.safe_dump(data))
-    assert main(["generate", str(config)]) == 1
+    assert main(["generate", str(config)]) == 2
+    assert "127.0.0.1:9" in capsys.readouterr().err  # the endpoint that did not answer
     assert Path(data["output"]).read_bytes().count(b"\n") == 1  # the header only
 
 
