@@ -58,6 +58,7 @@ from typing import Any
 DENSE = ("plain_old", "budget", "fused", "fused_teacher_hidden")
 TOPK = ("topk", "fused_topk", "lm_default_topk")
 VARIANTS = (*DENSE, "lm_default", "ce", *TOPK)
+TRL = ("trl", "trl_gc")  # only with --trl-python: TRL's GKDTrainer.train(), its own venv
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
@@ -121,19 +122,6 @@ def _labels(ids: Any) -> Any:
 def _loss_fn(variant: str, args: argparse.Namespace, teacher: Any, student: Any) -> Any:
     """``step(ids, labels, cached) -> loss`` for one variant (the student in train mode)."""
     import torch
-
-    if variant == "trl":
-        from trl import GKDTrainer
-
-        def trl_step(ids: Any, labels: Any, cached: Any) -> Any:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids).logits
-            s_logits = student(input_ids=ids).logits
-            return GKDTrainer.generalized_jsd_loss(
-                s_logits, t_logits, labels=labels, beta=args.beta, temperature=1.0
-            )
-
-        return trl_step
 
     from kdistill.lm import DEFAULT_CHUNK_ELEMENTS, token_cross_entropy, token_divergence
     from kdistill.lm.fused import fused_linear_divergence, fused_topk_divergence
@@ -297,6 +285,194 @@ def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _trl_tokenizer(vocab: int) -> Any:
+    """A word-level tokenizer over ``vocab`` ids (``GKDTrainer`` needs a ``processing_class``
+    for its pad id; the bench feeds token ids, so no text is ever tokenised)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0")
+    tok = Tokenizer(words)
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", unk_token="t0")
+
+
+def run_trl_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """TRL's GKD trainer's own training loop (``trainer.train()``) on the same models/batches.
+
+    ``GKDTrainer`` (``trl.experimental.gkd`` in TRL 1.x) with ``lmbda = 0`` (no on-policy
+    generation), ``seq_kd`` off, the bench's ``beta``, temperature 1, float32 (``bf16`` off),
+    no gradient clipping, a constant learning rate and the bench's own ``torch.optim.AdamW``
+    (passed through ``optimizers=``, so that both runs apply the very same update), batches in
+    the bench's order (``train_sampling_strategy: sequential``). ``trl_gc`` keeps TRL's SFT default
+    ``gradient_checkpointing: true``; ``trl`` turns it off (the like-for-like computation).
+    Labels are the input ids with position 0 ignored: TRL shifts them (``labels[:, 1:]``), so it
+    counts the same ``T − 1`` next-token positions per row as the other variants.
+
+    Step time runs from one ``on_step_end`` to the next (the whole Trainer loop: batch fetch,
+    forward, backward, optimizer, callbacks); peaks are read in ``on_pre_optimizer_step``
+    (forward + backward) and ``on_step_end``; the losses are what ``training_step`` returns.
+    """
+    import gc
+
+    import datasets
+    import torch
+    import transformers
+
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:  # TRL < 1.0 exported it at the top level
+        from trl import GKDConfig, GKDTrainer  # type: ignore[no-redef]
+    import trl
+
+    torch.set_num_threads(1)
+    folder = Path(args.folder)
+    load = transformers.LlamaForCausalLM.from_pretrained
+    teacher = load(folder / "teacher").eval().requires_grad_(False)
+    student = load(folder / "student").train()
+    batches = torch.load(folder / "batches.pt")
+
+    rows = batches.flatten(0, 1)  # (steps * B, T), read in order (sequential sampling)
+    labels = rows.clone()
+    labels[:, 0] = -100
+    examples = datasets.Dataset.from_dict(
+        {"input_ids": rows, "attention_mask": torch.ones_like(rows), "labels": labels}
+    ).with_format("torch")
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    losses: list[float] = []
+    ends: list[float] = []
+    memory: dict[str, Any] = {"before": None, "reset": None, "fwd_bwd": 0, "step": 0}
+
+    class Measure(transformers.TrainerCallback):
+        def on_step_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == args.warmup:
+                gc.collect()
+                memory["before"] = _status_kib("VmRSS")
+                memory["reset"] = _reset_peak()
+                memory["usage0"] = resource.getrusage(resource.RUSAGE_SELF)
+
+        def on_pre_optimizer_step(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step >= args.warmup and memory["reset"]:
+                memory["fwd_bwd"] = max(memory["fwd_bwd"], _status_kib("VmHWM"))
+                _reset_peak()
+
+        def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            ends.append(time.perf_counter())
+            if state.global_step > args.warmup:  # global_step counts the finished step already
+                memory["step"] = max(memory["step"], _status_kib("VmHWM"), memory["fwd_bwd"])
+
+    class Recording(GKDTrainer):  # TRL's own step; only its returned loss is recorded
+        def training_step(self, *a: Any, **kw: Any) -> Any:
+            loss = super().training_step(*a, **kw)
+            losses.append(loss.item())
+            return loss
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    with tempfile.TemporaryDirectory(prefix="trl_out_") as out:
+        config = GKDConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            max_steps=args.warmup + args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            lmbda=0.0,
+            seq_kd=False,
+            beta=args.beta,
+            temperature=1.0,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=variant == "trl_gc",
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=args.seed,
+            train_sampling_strategy="sequential",
+        )
+        trainer = Recording(
+            model=student,
+            teacher_model=teacher,
+            args=config,
+            train_dataset=examples,
+            data_collator=collate,
+            processing_class=_trl_tokenizer(args.vocab),
+            optimizers=(optimizer, None),
+            callbacks=[Measure()],
+        )
+        start = time.perf_counter()
+        trainer.train()
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    usage0 = memory.get("usage0", usage1)
+    seconds = [b - a for a, b in zip([start, *ends[:-1]], ends, strict=True)]
+    timed = seconds[args.warmup :]
+    tokens = args.batch * args.seq
+    return {
+        "variant": variant,
+        "losses": losses,
+        "step_s": timed,
+        "tokens_per_s": [tokens / s for s in timed],
+        "peak_mib": memory["step"] / 1024,
+        "peak_fwd_bwd_mib": memory["fwd_bwd"] / 1024,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mib": (memory["before"] or 0) / 1024,
+        "peak_reset": bool(memory["reset"]),
+        "minor_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / max(len(timed), 1),
+        "sys_s_per_step": (usage1.ru_stime - usage0.ru_stime) / max(len(timed), 1),
+        "user_s_per_step": (usage1.ru_utime - usage0.ru_utime) / max(len(timed), 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "gradient_checkpointing": variant == "trl_gc",
+    }
+
+
+def run_interleaved(variants: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Step times of several variants in ONE process, alternating step by step.
+
+    Each variant trains its own copy of the student on the same batches; round ``r`` runs one
+    step of every variant, in reversed order on odd rounds, so that a load change on a shared
+    machine hits all of them alike (the separate-process runs are sequential and pick up
+    drift). Time only (the processes share one heap, so no peak memory here).
+    """
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    folder = Path(args.folder)
+    load = transformers.LlamaForCausalLM.from_pretrained
+    teacher = load(folder / "teacher").eval().requires_grad_(False)
+    batches = torch.load(folder / "batches.pt")
+    cached: list[Any] = [None] * len(batches)
+    if any(v in TOPK for v in variants):
+        cached = _topk_cache(teacher, batches, args.k)
+    if all(v in (*TOPK, "ce") for v in variants):
+        teacher = None
+    runs = {}
+    for v in variants:
+        student = load(folder / "student").train()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+        runs[v] = (_loss_fn(v, args, None if v in TOPK else teacher, student), optimizer, [])
+    for step, ids in enumerate(batches):
+        order = variants if step % 2 == 0 else variants[::-1]
+        for v in order:
+            step_loss, optimizer, seconds = runs[v]
+            labels = _labels(ids)
+            start = time.perf_counter()
+            loss = step_loss(ids, labels, cached[step] if v in TOPK else None)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(time.perf_counter() - start)
+    return {v: runs[v][2][args.warmup :] for v in variants}
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -331,7 +507,7 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         mean = statistics.fmean(tps)
         std = statistics.stdev(tps) if len(tps) > 1 else 0.0
         vs_ce = f"{statistics.fmean(ce['tokens_per_s']) / mean:.2f}×" if ce else "—"
-        base = "topk" if name in TOPK else "budget"
+        base = "topk" if name in TOPK else "lm_default" if name in TRL else "budget"
         diff = "—"
         if name != "ce" and base in results and name != base:
             pairs = zip(r["losses"], results[base]["losses"], strict=True)
@@ -343,6 +519,29 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             f"{r['minor_faults_per_step']:.0f} | {r['sys_s_per_step']:.3f} | {diff} |"
         )
     return "\n".join(rows)
+
+
+def _ratios(results: dict[str, dict[str, Any]]) -> list[str]:
+    """``lm_default`` against each TRL arm: tokens/s ratio, peak ratios, largest loss gap."""
+    ours = results.get("lm_default")
+    lines = []
+    for name in TRL:
+        theirs = results.get(name)
+        if ours is None or theirs is None:
+            continue
+        speed = statistics.fmean(ours["tokens_per_s"]) / statistics.fmean(theirs["tokens_per_s"])
+        peak = ours["peak_mib"] / theirs["peak_mib"]
+        above = (ours["peak_mib"] - ours["rss_before_mib"]) / (
+            theirs["peak_mib"] - theirs["rss_before_mib"]
+        )
+        pairs = zip(ours["losses"], theirs["losses"], strict=True)
+        gap = max(abs(a - b) for a, b in pairs)
+        lines.append(
+            f"lm_default vs {name}: tokens/s {speed:.2f}× (goal ≥ 1.5×); peak RSS {peak:.2f}× "
+            f"(goal ≤ 0.5×); peak above the pre-step resident size {above:.2f}×; "
+            f"max |Δ loss| {gap:.1e} over {len(ours['losses'])} steps (goal 1e-6)"
+        )
+    return lines
 
 
 def main() -> None:
@@ -374,30 +573,58 @@ def main() -> None:
         "--trl-python", help="OPTIONAL: a Python with trl installed; adds the 'trl' variant"
     )
     parser.add_argument(
+        "--trl-variants", nargs="+", default=list(TRL), choices=TRL,
+        help="the TRL arms run with --trl-python (trl: no gradient checkpointing; trl_gc: "
+        "TRL's SFT default gradient_checkpointing: true)",
+    )  # fmt: skip
+    parser.add_argument(
         "--malloc-tune",
         action="store_true",
         help="run the children with GLIBC_TUNABLES that keep freed memory in the heap (no "
         "mmap for large tensors, no trimming): removes the page faults of re-allocating "
         "~100 MB tensors every step, at the cost of holding the high-water mark",
     )
+    parser.add_argument(
+        "--interleave", nargs="+", choices=VARIANTS, metavar="VARIANT",
+        help="instead: time these variants in one process, step by step in turn (ratios to "
+        "the first; e.g. --interleave ce lm_default_topk)",
+    )  # fmt: skip
     parser.add_argument("--json", help="write all results (per-step losses, times) here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(args.child, args)))
+        child = run_trl_child if args.child in TRL else run_child
+        print(json.dumps(child(args.child, args)))
         return
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if args.malloc_tune:
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    if args.interleave:
+        with tempfile.TemporaryDirectory(prefix="lm_step_") as folder:
+            args.folder = folder
+            build_models(args, Path(folder))
+            times = run_interleaved(args.interleave, args)
+        base = args.interleave[0]
+        print(
+            f"interleaved in one process, {args.steps} timed steps after {args.warmup}, load "
+            f"average {os.getloadavg()[0]:.1f}; time per step (mean ± std) and ratio to {base}:"
+        )
+        for v, sec in times.items():
+            std = statistics.stdev(sec) if len(sec) > 1 else 0.0
+            ratio = sum(sec) / sum(times[base])
+            print(f"  {v}: {statistics.fmean(sec):.3f} ± {std:.3f} s, {ratio:.3f}× {base}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "interleaved": times}))
+        return
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="lm_step_") as folder:
         args.folder = folder
         build_models(args, Path(folder))
         plan = [(v, sys.executable) for v in args.variants]
         if args.trl_python:  # ---- OPTIONAL TRL arm: its own interpreter / venv
-            plan.append(("trl", args.trl_python))
+            plan += [(v, args.trl_python) for v in args.trl_variants]
         for variant, python in plan:
             out = subprocess.run(
                 _child_argv(args, variant, python), env=env, capture_output=True, text=True
@@ -417,6 +644,8 @@ def main() -> None:
         f"seed {args.seed}; GLIBC_TUNABLES {env.get('GLIBC_TUNABLES', 'unset')}\n"
     )
     print(_table(results, args))
+    for line in _ratios(results):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
