@@ -206,8 +206,15 @@ def _eval_ids(run) -> list[list[int]]:
         (["distill.matched_weight=0.5"], "distill.matched_weight: give both"),
         (["distill.cross_tokenizer=uld", "distill.matched_weight=0.5"], "cross_tokenizer: hybrid"),
         (
-            ["distill.teacher.endpoint=http://x", "distill.teacher.model=m", "distill.cache_dir=c"],
-            "distill.cross_tokenizer: a served teacher",
+            [
+                "distill.teacher.endpoint=http://x",
+                "distill.teacher.model=m",
+                "distill.teacher.tokenizer=t",
+                "distill.cache_dir=c",
+                "teacher=null",
+                "data.teacher_max_length=16",
+            ],
+            "data.teacher_max_length: a served teacher",
         ),
     ],
 )

@@ -77,7 +77,12 @@ Teachers behind a server (:mod:`kdistill.serve`):
   top-k cache is filled by a server scoring the training texts teacher-forced
   (:func:`kdistill.serve.scoring.score_texts`), instead of a local teacher; a server whose
   echoed prompt rows are shifted by one is refused (``on_shift: refuse``) or corrected
-  (``on_shift: correct``).
+  (``on_shift: correct``). With ``distill.cross_tokenizer`` the server may use another
+  tokenizer than the student, given as ``distill.teacher.tokenizer`` (a local folder): each
+  text goes out as its ids, and every alternative of the server's ``top_logprobs`` is mapped
+  by its bytes onto the student token that spells them, or onto an extra id past the
+  student's vocabulary (:mod:`kdistill.lm.served_cross`); the mapped rows are kept in
+  ``cache_dir``.
 
 Several processes: under ``torchrun --nproc_per_node N -m kdistill lm ...`` a ``token_kd``
 run trains with DDP (each rank a contiguous 1/N of every global batch of ``data.batch_size``
@@ -347,10 +352,16 @@ class ServedTeacherConfig(TeacherEndpointConfig):
     ``api_key_env``, ``timeout``, ``max_retries``, ``backoff``, ``max_backoff``,
     ``concurrency``; ``api`` is unused: scoring always asks ``/v1/completions``) plus
     ``on_shift``: what to do with a server whose echoed prompt log-probabilities are shifted
-    by one position (llama.cpp's): ``refuse`` (an error) or ``correct`` (move them back).
+    by one position (llama.cpp's): ``refuse`` (an error) or ``correct`` (move them back);
+    and ``tokenizer``: the served model's tokenizer (a local folder), with
+    ``distill.cross_tokenizer`` only — the texts go out as its ids and the bytes of the
+    server's alternatives are read from it (a server's token strings lose the bytes of
+    partial UTF-8 tokens).
     """
 
     on_shift: Literal["refuse", "correct"] = "refuse"
+    # the served model's tokenizer (a local folder): needed with distill.cross_tokenizer
+    tokenizer: str | None = None
 
     def identity(self) -> dict[str, str]:
         """The cache's teacher identity: ``{"class": "server", "sha256": sha256(endpoint +
@@ -478,11 +489,6 @@ class LMDistillConfig:
                 f"token_kd only, not {self.objective}; use objective: token_kd or remove "
                 "cross_tokenizer (and give both models one tokenizer)"
             )
-        if self.teacher is not None:
-            raise ConfigError(
-                "cross_tokenizer: a served teacher (distill.teacher) scores the student's own "
-                "tokens; cross-tokenizer KD needs a local teacher model (a teacher section)"
-            )
 
 
 @dataclass
@@ -559,6 +565,23 @@ class LMExperimentConfig:
             raise ConfigError(
                 "data.teacher_max_length: applies to a teacher with its own tokenizer "
                 "(distill.cross_tokenizer: uld or hybrid); remove it"
+            )
+        served_tokenizer = served and self.distill.teacher.tokenizer is not None
+        if served and self.distill.cross_tokenizer is not None and not served_tokenizer:
+            raise ConfigError(
+                "distill.teacher.tokenizer: cross-tokenizer KD from a served teacher needs the "
+                "served model's tokenizer (a local folder) to read the bytes of its tokens; add it"
+            )
+        if served_tokenizer and self.distill.cross_tokenizer is None:
+            raise ConfigError(
+                "distill.teacher.tokenizer: the served teacher shares the student's tokenizer "
+                "(data.tokenizer) unless distill.cross_tokenizer is set; remove it or set "
+                "distill.cross_tokenizer: uld or hybrid"
+            )
+        if self.data.teacher_max_length is not None and served:
+            raise ConfigError(
+                "data.teacher_max_length: a served teacher (distill.teacher) scores each whole "
+                "text; remove it (data.max_length cuts the student's tokens)"
             )
         # Random models only (a path's architecture is checked when it is loaded).
         archs = {m.arch for m in (self.teacher, self.student) if m is not None and m.config}

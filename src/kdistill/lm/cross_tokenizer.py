@@ -39,6 +39,7 @@ __all__ = [
     "TopKTeacher",
     "VocabMap",
     "served_teacher_topk",
+    "tokenize_spans",
     "vocab_map",
     "vocab_map_from_keys",
 ]
@@ -346,12 +347,7 @@ class CrossTokenizerCollator:
                 )
 
     def _tokenize(self, side: SpanTokenizer, text: str, length: int | None) -> TokenSpans:
-        spans = side.tokenize(text)
-        eos = getattr(side.tokenizer, "eos_token_id", None)
-        if self.append_eos and eos is not None and spans.input_ids[-1:] != [eos]:
-            end = spans.spans[-1][1] if spans.spans else 0
-            spans = TokenSpans([*spans.input_ids, eos], [*spans.spans, (end, end)], spans.num_bytes)
-        return spans.truncate(length)
+        return tokenize_spans(side, text, length, append_eos=self.append_eos)
 
     def tokens(self, text: str) -> tuple[TokenSpans, TokenSpans]:
         """The student's and the teacher's tokens of ``text``, as a batch holds them (a
@@ -383,6 +379,20 @@ class CrossTokenizerCollator:
             "alignment": alignment,
             "num_bytes": torch.tensor([s.num_bytes for s in student], dtype=torch.long),
         }
+
+
+def tokenize_spans(
+    side: SpanTokenizer, text: str, max_length: int | None, append_eos: bool
+) -> TokenSpans:
+    """``text``'s tokens with their byte spans, as ``kdistill lm`` trains on them: the EOS
+    appended (zero-width, at the last byte) when ``append_eos`` and the tokenizer has one,
+    then cut to ``max_length`` tokens (``None`` = all)."""
+    spans = side.tokenize(text)
+    eos = getattr(side.tokenizer, "eos_token_id", None)
+    if append_eos and eos is not None and spans.input_ids[-1:] != [eos]:
+        end = spans.spans[-1][1] if spans.spans else 0
+        spans = TokenSpans([*spans.input_ids, eos], [*spans.spans, (end, end)], spans.num_bytes)
+    return spans.truncate(max_length)
 
 
 def _within(spans: TokenSpans, end: int) -> TokenSpans:

@@ -62,7 +62,7 @@ from kdistill.cache import (
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import ConfigError
 from kdistill.distiller import IGNORE_INDEX, Distiller, LossTerm
-from kdistill.lm.alignment import tokenizer_identity
+from kdistill.lm.alignment import AlignmentError, SpanTokenizer, tokenizer_identity
 from kdistill.lm.batches import (
     ByteTokenizer,
     CausalLMCollator,
@@ -71,11 +71,18 @@ from kdistill.lm.batches import (
     pad_right,
 )
 from kdistill.lm.bpb import evaluate_bits_per_byte
-from kdistill.lm.config import LMDataConfig, LMExperimentConfig, LMModelConfig, ServedTeacherConfig
+from kdistill.lm.config import (
+    LMDataConfig,
+    LMDistillConfig,
+    LMExperimentConfig,
+    LMModelConfig,
+    ServedTeacherConfig,
+)
 from kdistill.lm.cross_tokenizer import (
     CrossTokenizerCollator,
     TopKTeacher,
     VocabMap,
+    tokenize_spans,
     vocab_map,
 )
 from kdistill.lm.data import DataFingerprint, LMRecords, load_records, tokenize_records
@@ -104,6 +111,16 @@ from kdistill.lm.lora import (
 )
 from kdistill.lm.losses import TokenCrossEntropy, TokenKDLoss
 from kdistill.lm.seqkd import GenerationSettings, OnPolicyLoader, build_seqkd_examples
+from kdistill.lm.served_cross import (
+    ROWS_FILE,
+    ServedCacheError,
+    ServedCrossTokenizerCollator,
+    ServedTeacherRows,
+    load_or_score,
+    rows_metadata,
+    served_vocab_map,
+    teacher_records,
+)
 from kdistill.lm.topk import TOPK, TopKTokenKDLoss, pack_topk, unpack_topk
 from kdistill.lm.uld import HybridULDLoss, ULDLoss
 from kdistill.models import count_parameters
@@ -228,6 +245,17 @@ def _tokenizer_from(name: str) -> Any:
     if name == "byte":
         return ByteTokenizer()
     return _padded(_transformers().AutoTokenizer.from_pretrained(name))
+
+
+def _tokenizer_at(name: str, key: str) -> Any:
+    """:func:`_tokenizer_from`, a folder that holds no tokenizer an error naming ``key``."""
+    try:
+        return _tokenizer_from(name)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{key}: cannot load a tokenizer from {name!r} ({str(err).splitlines()[0]}); give a "
+            "folder written by save_pretrained (tokenizer.json) or 'byte'"
+        ) from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -934,6 +962,8 @@ def _build_cross_tokenizer_kd(run: LMSetup) -> LMObjective:
             "distill.cross_tokenizer: cross-tokenizer KD runs in one process (the teacher "
             "reads its own tokens of every text); run kdistill lm without torchrun"
         )
+    if d.teacher is not None:  # a served teacher: its top_logprobs, mapped by their bytes
+        return _build_served_cross_tokenizer_kd(run)
     teacher_tokenizer = run.teacher_tokenizer or run.tokenizer
     vocab = _cross_vocab(run)
     collate = CrossTokenizerCollator(
@@ -944,21 +974,7 @@ def _build_cross_tokenizer_kd(run: LMSetup) -> LMObjective:
         append_eos=True,
         trim_teacher=True,  # the teacher reads only the bytes the student kept
     )
-    temperature = d.resolved_temperature
-    loss: nn.Module
-    if d.cross_tokenizer == "uld":
-        loss = ULDLoss(temperature, d.chunk_size)
-    else:
-        loss = HybridULDLoss(
-            vocab,
-            d.divergence,
-            beta=d.beta,
-            skew_alpha=d.skew_alpha,
-            temperature=temperature,
-            matched_weight=d.matched_weight,
-            unmatched_weight=d.unmatched_weight,
-            chunk_size=d.chunk_size,
-        )
+    loss = _cross_tokenizer_loss(d, vocab)
     kd = LossTerm("kd", loss, weight=d.alpha)
     info: dict[str, Any] = {
         "cross_tokenizer": {
@@ -988,6 +1004,92 @@ def _build_cross_tokenizer_kd(run: LMSetup) -> LMObjective:
     loader = run.shuffled(examples, batches)
     teacher_eval = None if teacher_tokenizer is run.tokenizer else _teacher_eval_loader(run)
     return LMObjective(_kd_and_ce(cfg, kd), loader, run.causal_eval_loader(), info, teacher_eval)
+
+
+def _cross_tokenizer_loss(d: LMDistillConfig, vocab: VocabMap) -> nn.Module:
+    """ULD, or the hybrid over ``vocab``'s matched tokens (``distill.cross_tokenizer``)."""
+    if d.cross_tokenizer == "uld":
+        return ULDLoss(d.resolved_temperature, d.chunk_size)
+    return HybridULDLoss(
+        vocab,
+        d.divergence,
+        beta=d.beta,
+        skew_alpha=d.skew_alpha,
+        temperature=d.resolved_temperature,
+        matched_weight=d.matched_weight,
+        unmatched_weight=d.unmatched_weight,
+        chunk_size=d.chunk_size,
+    )
+
+
+def _build_served_cross_tokenizer_kd(run: LMSetup) -> LMObjective:
+    """Cross-tokenizer KD from a served teacher (``distill.teacher``): the server scores every
+    training text once (its rows kept in ``distill.cache_dir``, :mod:`kdistill.lm.served_cross`);
+    each alternative of its ``top_logprobs`` becomes the student id spelling the same bytes, or
+    an extra id past the student's vocabulary, so ULD and the hybrid (its matched set: every
+    student token) read it as a local teacher's top-k. Student batches are plain ``token_kd``'s."""
+    cfg, d = run.cfg, run.cfg.distill
+    assert d.teacher is not None and d.cache_dir is not None  # config validation
+    side = SpanTokenizer(run.tokenizer, "student tokenizer")
+    student = [
+        tokenize_spans(side, t, cfg.data.max_length, append_eos=True) for t in run.train_texts
+    ]
+    served, k = d.teacher, d.cache_topk
+    assert served.tokenizer is not None  # config validation
+    teacher_tokenizer = _tokenizer_at(served.tokenizer, "distill.teacher.tokenizer")
+    teacher_side = SpanTokenizer(teacher_tokenizer, "teacher tokenizer")
+
+    def score() -> ServedTeacherRows:
+        from kdistill.serve.client import EndpointError
+        from kdistill.serve.scoring import score_texts_sync
+
+        try:
+            spans = [teacher_side.tokenize(t) for t in run.train_texts]  # whole texts
+            scored = score_texts_sync(
+                served.client,
+                served.model,
+                [s.input_ids for s in spans],
+                k,
+                on_shift=served.on_shift,
+            )
+            records = [
+                teacher_records(x.tokens, s, t, teacher_side, i, k)
+                for i, (x, s, t) in enumerate(zip(scored, spans, run.train_texts, strict=True))
+            ]
+            return ServedTeacherRows.from_records(student, records, run.tokenizer, run.train_texts)
+        except (EndpointError, ConfigError, AlignmentError, ValueError) as err:
+            raise ConfigError(f"distill.teacher: {err}") from None
+
+    metadata = rows_metadata(served.identity(), teacher_tokenizer, run.tokenizer, student, k)
+    try:
+        rows, built = load_or_score(d.cache_dir, score, metadata, rebuild=d.cache_rebuild)
+    except ServedCacheError as err:
+        raise ConfigError(f"distill.cache_dir: {err}") from None
+    v_s = _logits_size(run.student, run.tokenizer, "student")
+    vocab = served_vocab_map(run.tokenizer, v_s, rows.vocab_size)
+    loss = _CachedTeacherLoss(_cross_tokenizer_loss(d, vocab), rows.vocab_size)
+    kd = LossTerm("kd", loss, weight=d.alpha, teacher=TOPK)
+    examples = [{"text": t, "row": i} for i, t in enumerate(run.train_texts)]
+    collate = ServedCrossTokenizerCollator(student, rows, run.pad)
+    info: dict[str, Any] = {
+        "cross_tokenizer": {
+            "loss": d.cross_tokenizer,
+            "student_tokenizer": tokenizer_label(run.tokenizer),
+            "teacher_tokenizer": f"{tokenizer_label(teacher_tokenizer)}, served as "
+            f"{served.model} at {served.endpoint}",
+            "teacher_only_texts": rows.vocab_size - side.vocab_size,
+            "matched_tokens": vocab.size,
+        },
+        "teacher_cache": {
+            "path": str(Path(d.cache_dir).expanduser() / ROWS_FILE),
+            "built": built,
+            "k": k,
+            "rows": int(rows.ids.shape[0]),
+            "teacher": {"endpoint": served.endpoint, "model": served.model},
+        },
+    }
+    loader = run.shuffled(examples, collate)
+    return LMObjective(_kd_and_ce(cfg, kd), loader, run.causal_eval_loader(), info)
 
 
 @dataclass
