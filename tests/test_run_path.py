@@ -13,6 +13,7 @@ one skipped step in the metrics, a mid-epoch checkpoint, and a resumed run that 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import sys
@@ -251,3 +252,37 @@ def test_a_scheme_run_reports_validation_accuracy(tmp_path: Path) -> None:
     assert 0.0 <= result.summary["val_accuracy"] <= 1.0 and result.summary["val_samples"] == 200
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["val_accuracy"] == result.summary["val_accuracy"]
+
+
+@pytest.mark.parametrize("scheme", [None, "dml.yaml"])
+def test_eval_every_evaluates_every_n_epochs_and_after_the_last(
+    tmp_path: Path, scheme: str | None
+) -> None:
+    """``train.eval_every: 2`` over 3 epochs: test and validation after epochs 2 and 3 only;
+    the summary's best figures come from those rows; the curves are still drawn."""
+    try:
+        find_fashion_mnist()
+    except DatasetNotFoundError as err:
+        pytest.skip(str(err))
+    config = SCHEMES / scheme if scheme else _vision_config(tmp_path)
+    out = tmp_path / "out"
+    overrides = [*TINY_VISION, "train.epochs=3", "train.eval_every=2", "data.val_size=200"]
+    args = ["run", str(config), *[f"--set={o}" for o in overrides], "--set=train.progress=false"]
+    assert cli.main([*args, f"--set=output_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert "test_accuracy" not in rows[0] and "val_accuracy" not in rows[0]
+    assert all("test_accuracy" in row and "val_accuracy" in row for row in rows[1:])
+    summary = json.loads((out / "summary.json").read_text())["student"]
+    assert summary["test_accuracy"] == rows[2]["test_accuracy"]
+    assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in rows[1:])
+    from kdistill.plots import training_curves
+
+    with (out / "metrics.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert training_curves({"run": csv_rows}, tmp_path / "curves.png").is_file()
+
+
+def test_eval_every_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", str(_vision_config(tmp_path)), "--set=train.eval_every=0"]) == 2
+    assert "eval_every" in capsys.readouterr().err

@@ -263,9 +263,11 @@ class TrainConfig:
     # micro-batches per optimizer step (gradient accumulation): the step equals one step on
     # their concatenation; epochs, the LR schedule and checkpoint_every count optimizer steps
     accumulate_steps: int = 1
+    # evaluate (test, and validation with data.val_size) every N epochs and after the last
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive(self, "epochs", "accumulate_steps")
+        _check_positive(self, "epochs", "accumulate_steps", "eval_every")
         _check_optional_positive(self, "threads", "checkpoint_every")
         _check_non_negative(self, "skip_nonfinite")
         if not (self.device in ("cpu", "auto", "cuda") or self.device.startswith("cuda:")):

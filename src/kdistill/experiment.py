@@ -50,7 +50,7 @@ from kdistill.losses import KDLoss, LabelSmoothingCrossEntropy
 from kdistill.losses.registry import LOSSES
 from kdistill.models import build_model, count_parameters, import_dirs
 from kdistill.runtime import build_trainer, start_run
-from kdistill.trainer import TEACHER_PREFIX, FitResult, evaluate
+from kdistill.trainer import TEACHER_PREFIX, FitResult, best_of, evaluate
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -381,6 +381,8 @@ class ValidationCallback(Callback):
         self.loader = loader
 
     def on_epoch_end(self, trainer: Any, epoch: int, row: MutableMapping[str, Any]) -> None:
+        if not trainer.evaluates(epoch):  # train.eval_every
+            return
         metrics = trainer.evaluate_fn(trainer.distiller.student, self.loader, trainer.device)
         row.update({f"val_{k}": v for k, v in metrics.items()})
 
@@ -486,7 +488,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunResult:
             "model": cfg.student.model,
             "parameters": count_parameters(student),
             "test_accuracy": fit.final["test_accuracy"],
-            "best_test_accuracy": max(r["test_accuracy"] for r in fit.history),
+            "best_test_accuracy": best_of(fit.history, "test_accuracy"),
             "weights": str(fit.student_path),
             **_val_summary(fit, val),
         },
@@ -520,7 +522,7 @@ def _val_summary(fit: FitResult, val: tuple[Tensor, Tensor] | None) -> dict[str,
         return {}
     return {
         "val_accuracy": fit.final["val_accuracy"],
-        "best_val_accuracy": max(r["val_accuracy"] for r in fit.history),
+        "best_val_accuracy": best_of(fit.history, "val_accuracy"),
         "val_samples": int(val[1].shape[0]),
     }
 

@@ -63,8 +63,10 @@ def training_curves(
     for label, rows in runs.items():
         color = (colors or {}).get(label)
         epochs = [int(r["epoch"]) for r in rows]
-        acc = [100 * float(r["test_accuracy"]) for r in rows]
-        (line,) = axes[0].plot(epochs, acc, marker="o", ms=3, label=label, color=color)
+        tested = [r for r in rows if r.get("test_accuracy") not in ("", None)]  # eval_every
+        tested_epochs = [int(r["epoch"]) for r in tested]
+        acc = [100 * float(r["test_accuracy"]) for r in tested]
+        (line,) = axes[0].plot(tested_epochs, acc, marker="o", ms=3, label=label, color=color)
         color = line.get_color()
         axes[1].plot(
             epochs,
@@ -79,8 +81,8 @@ def training_curves(
             if ce != [float(r["train_loss"]) for r in rows]:
                 axes[1].plot(epochs, ce, ls="--", color=color, label=f"{label}: CE term")
         axes[2].plot(
-            epochs,
-            [float(r["test_loss"]) for r in rows],
+            tested_epochs,
+            [float(r["test_loss"]) for r in tested],
             marker="o",
             ms=3,
             color=color,

@@ -86,4 +86,5 @@ def build_trainer(
         evaluate_fn=evaluate_fn,
         callbacks=callbacks,
         accumulate_steps=train.accumulate_steps,
+        eval_every=train.eval_every,
     )

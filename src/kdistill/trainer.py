@@ -77,6 +77,7 @@ __all__ = [
     "TrainableModel",
     "Trainer",
     "batch_extras",
+    "best_of",
     "build_optimizer",
     "build_scheduler",
     "evaluate",
@@ -390,6 +391,9 @@ class Trainer:
             micro-batch's loss is weighted by its share of the window's counted targets, so
             a step equals one step on the concatenated batch (for per-target mean losses);
             ``steps``, the LR schedule and ``checkpoint_every`` count optimizer steps.
+        eval_every: evaluate every N epochs and after the last (:meth:`evaluates`); the rows
+            of the other epochs carry no ``test_*`` (nor callbacks' ``val_*``) metrics. Small
+            training sets make evaluation cost more than the epoch itself.
 
     Targets may be class ids ``(B,)`` for logits ``(B, C)`` or token ids ``(B, T)`` for logits
     ``(B, T, V)`` (already aligned with them); ``train_accuracy`` and the weights of the epoch
@@ -415,10 +419,14 @@ class Trainer:
         evaluate_fn: Callable[..., Mapping[str, float]] | None = None,
         callbacks: Iterable[Callback] = (),
         accumulate_steps: int = 1,
+        eval_every: int = 1,
     ) -> None:
         if accumulate_steps < 1:
             raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {eval_every}")
         self.accumulate_steps = accumulate_steps
+        self.eval_every = eval_every
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
         if skip_nonfinite < 0:
@@ -547,9 +555,13 @@ class Trainer:
             self.epoch = epoch
             self.callbacks.fire("on_epoch_start", self, epoch)
             train_metrics = self.train_epoch(epoch)
-            self.callbacks.fire("on_evaluate_start", self)
-            eval_metrics = self.evaluate_fn(self.distiller.student, self.eval_loader, self.device)
-            self.callbacks.fire("on_evaluate_end", self, eval_metrics)
+            eval_metrics: Mapping[str, float] = {}
+            if self.evaluates(epoch):
+                self.callbacks.fire("on_evaluate_start", self)
+                eval_metrics = self.evaluate_fn(
+                    self.distiller.student, self.eval_loader, self.device
+                )
+                self.callbacks.fire("on_evaluate_end", self, eval_metrics)
             row = {
                 "epoch": epoch + 1,
                 **train_metrics,
@@ -568,6 +580,11 @@ class Trainer:
                 writer.flush()
             if distributed.is_main():  # one line per epoch, with or without progress bars
                 _log(_format_row(row))
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` ends with an evaluation: every ``eval_every`` epochs and
+        always the last (so ``final`` holds the trained student's figures)."""
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training data; returns mean losses, accuracy and the last LR.
@@ -871,6 +888,12 @@ def _log(line: str) -> None:
     sys.stdout.flush()
 
 
+def best_of(history: Sequence[Mapping[str, Any]], key: str) -> float:
+    """The largest ``key`` over the evaluated epochs of ``history`` (``train.eval_every``
+    leaves it out of the others)."""
+    return max(float(row[key]) for row in history if key in row)
+
+
 def _format_row(row: Mapping[str, Any]) -> str:
     skipped = row.get("skipped_steps", 0)
     return (
@@ -881,7 +904,7 @@ def _format_row(row: Mapping[str, Any]) -> str:
             else ""
         )
         + (f"val_acc {row['val_accuracy']:.4f} " if "val_accuracy" in row else "")
-        + f"test_acc {row['test_accuracy']:.4f} "
+        + (f"test_acc {row['test_accuracy']:.4f} " if "test_accuracy" in row else "")
         + (f"skipped {skipped} non-finite steps " if skipped else "")
         + f"({row['epoch_time_s']:.1f}s)"
     )

@@ -62,7 +62,7 @@ from kdistill.schemes.unlabelled import (
     pseudo_label,
     semi_supervised_terms,
 )
-from kdistill.trainer import FitResult, evaluate
+from kdistill.trainer import FitResult, best_of, evaluate
 
 
 @dataclass
@@ -173,7 +173,7 @@ def run_scheme(
             "model": cfg.student.model,
             "parameters": count_parameters(built.student_model),
             "test_accuracy": fit.final["test_accuracy"],
-            "best_test_accuracy": max(r["test_accuracy"] for r in fit.history),
+            "best_test_accuracy": best_of(fit.history, "test_accuracy"),
             "weights": str(fit.student_path),
         },
         "teacher": built.teacher,
