@@ -61,6 +61,7 @@ RESUMABLE_DIFFERENCES = (
     "train.checkpoint_every",
     "train.skip_nonfinite",
     "train.tensorboard",
+    "train.eval_every",  # when the student is scored, not what is trained
     "data.num_workers",
     "data.eval_batch_size",
     "distill.cache_dir",  # the on-disk teacher cache holds what the in-memory one would
