@@ -110,8 +110,9 @@ def destroy() -> None:
 # model student that is most of the memory, so :func:`shard_student` shards it with FSDP2
 # (``torch.distributed.fsdp.fully_shard``): each rank keeps 1/N of every parameter, gradient
 # and optimizer state, and all-gathers a block's parameters just before it runs. The frozen
-# teacher is not wrapped: it needs no gradients or optimizer state, and every rank runs it on
-# its own share of the batch (shard it yourself with ``fully_shard`` if it does not fit).
+# teacher is not wrapped by default: it needs no gradients or optimizer state, and every rank
+# runs it on its own share of the batch; :func:`shard_teacher` shards it too (inference only),
+# when it does not fit whole on one device (``teacher.parallel: fsdp`` in ``kdistill lm``).
 # FSDP2 runs on CPU with gloo (what the CI test uses) as on CUDA with nccl.
 
 
@@ -154,6 +155,47 @@ def shard_student(
         fully_shard(block, **fsdp_kwargs)
     fully_shard(student, **fsdp_kwargs)
     return student
+
+
+def shard_teacher(
+    teacher: nn.Module,
+    blocks: Sequence[nn.Module] | None = None,
+    **fsdp_kwargs: Any,
+) -> nn.Module:
+    """Shard a frozen teacher in place with FSDP2 over all ranks, for inference only.
+
+    As :func:`shard_student` (``fully_shard`` per block, then the root) for a model that takes
+    no gradient and has no optimizer: its parameters are frozen and it is put in eval mode.
+    Each rank keeps 1/N of every parameter; a forward all-gathers one block at a time and
+    frees it after (``reshard_after_forward=True`` for the blocks), so the whole teacher never
+    sits on one rank. The root's own parameters (embeddings, final norm, ``lm_head``) stay
+    gathered after a forward, so that a fused loss can read the ``lm_head`` weight, until
+    :func:`reshard` frees them. Every rank must run the teacher's forwards in step (the same
+    number of calls, as for any FSDP model); evaluate it under ``no_grad``, not
+    ``inference_mode`` (FSDP2 reuses its all-gather buffers across forwards).
+
+    Raises:
+        RuntimeError: when no process group is initialised (use :func:`init_from_env`).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "shard_teacher needs a process group: start with torchrun and call "
+            "kdistill.distributed.init_from_env() first"
+        )
+    teacher.requires_grad_(False).eval()
+    for block in default_blocks(teacher) if blocks is None else blocks:
+        fully_shard(block, reshard_after_forward=True, **fsdp_kwargs)
+    fully_shard(teacher, reshard_after_forward=False, **fsdp_kwargs)
+    return teacher
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of an FSDP2 model (:func:`shard_teacher`'s root after a
+    forward); nothing for a model that is not sharded."""
+    if is_sharded(model):
+        model.reshard()  # type: ignore[operator]
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

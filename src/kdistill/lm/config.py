@@ -167,6 +167,14 @@ class LMModelConfig:
     built student, its own weights frozen (:func:`kdistill.lm.lora.apply_lora`; saved merged
     and as an adapter); ``gradient_checkpointing: true`` recomputes each block's activations
     in the backward pass instead of storing them (less memory, ≈ one more forward).
+
+    Teacher only: ``dtype: float32 | bfloat16 | float16`` keeps the frozen teacher's
+    parameters in that dtype (half the memory in half precision) while the student trains in
+    float32; its logits / hidden states are upcast to float32 where the divergence reads them.
+    ``parallel: none | fsdp`` — ``fsdp`` (under torchrun) shards the frozen teacher with FSDP2
+    over all ranks (``fully_shard`` per decoder layer and the root, inference only, no
+    optimizer state), so each rank holds 1/N of it and all-gathers one layer at a time: a
+    teacher larger than one device feeds the student (:func:`kdistill.distributed.shard_teacher`).
     """
 
     path: str | None = None
@@ -182,6 +190,9 @@ class LMModelConfig:
     # student only: LoRA adapters (peft) on the built student; activation recomputation
     lora: StudentLoRAConfig | None = None
     gradient_checkpointing: bool = False
+    # teacher only: the frozen teacher's parameter dtype, and FSDP2 sharding under torchrun
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    parallel: Literal["none", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
         sources = [
@@ -602,6 +613,15 @@ class LMExperimentConfig:
                 f"teacher.{key}: the teacher is frozen; LoRA and gradient checkpointing are "
                 f"student settings (student.{key})"
             )
+        for key, default in (("dtype", "float32"), ("parallel", "none")):
+            if getattr(self.student, key) != default:
+                raise ConfigError(
+                    f"student.{key}: {getattr(self.student, key)} is a teacher setting (the "
+                    f"frozen teacher's {key}); the student trains in float32 (train.amp for "
+                    "mixed precision) and is sharded by train.parallel; remove it"
+                )
+        if teacher is not None and teacher.parallel == "fsdp":
+            self._check_sharded_teacher()
         if self.student.lora is not None and self.train.parallel == "fsdp":
             raise ConfigError(
                 "student.lora: a LoRA student is not supported with train.parallel: fsdp; use "
@@ -618,6 +638,27 @@ class LMExperimentConfig:
             raise ConfigError(
                 f"data.shape: distilbert (masked LM) trains on text records, not {shape}"
             )
+
+    def _check_sharded_teacher(self) -> None:
+        """``teacher.parallel: fsdp``: a live teacher of ``token_kd`` in one tokenizer (every
+        rank must run the sharded teacher's forward in step; a cache is built by rank 0 alone)."""
+        d = self.distill
+        if d.objective != "token_kd":
+            raise ConfigError(
+                f"teacher.parallel: fsdp shards a live teacher of objective token_kd (the runs "
+                f"under torchrun), not {d.objective}; use teacher.parallel: none"
+            )
+        why = None
+        if d.cache_dir is not None:
+            why = (
+                "distill.cache_dir: the top-k cache is built by one process with the whole "
+                "teacher; build it with teacher.parallel: none (then the run reads the cache "
+                "and needs no live teacher), or remove cache_dir"
+            )
+        elif d.cross_tokenizer is not None:
+            why = "distill.cross_tokenizer runs in one process only"
+        if why is not None:
+            raise ConfigError(f"teacher.parallel: fsdp cannot be used here: {why}")
 
     def _check_served_sources(self, served: bool, from_file: bool) -> None:
         """A served teacher (``distill.teacher``) or a generated file in place of a model."""

@@ -1398,12 +1398,36 @@ def _prepare_student(cfg: LMModelConfig, student: nn.Module) -> nn.Module:
     return student
 
 
+def _teacher_precision(cfg: LMModelConfig, teacher: nn.Module) -> nn.Module:
+    """The frozen teacher in ``teacher.dtype`` (its outputs are upcast by the losses, which
+    compute in at least float32: :func:`kdistill.losses._reduce._compute_dtype`)."""
+    dtype = getattr(torch, cfg.dtype)
+    if any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()):
+        teacher.to(dtype)
+    return teacher
+
+
+def _shard_teacher(teacher: nn.Module, model: nn.Module) -> None:
+    """``teacher.parallel: fsdp``: shard the frozen teacher over the torchrun ranks
+    (:func:`kdistill.distributed.shard_teacher`) and free its gathered root parameters after
+    every forward of the trained ``model`` (the fused loss reads the gathered ``lm_head``
+    weight within that forward; its gradients are complete when the forward returns)."""
+    distributed.shard_teacher(teacher)
+    model.register_forward_hook(lambda module, args, output: distributed.reshard(teacher))
+
+
 def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") -> LMRun:
     """Tokenise the data, build the models and the objective; nothing is trained yet."""
     device = torch.device(device)
     d = cfg.distill
     causal = d.objective != "distilbert"
     world = distributed.world_size()
+    if cfg.teacher is not None and cfg.teacher.parallel == "fsdp" and world == 1:
+        raise ConfigError(
+            "teacher.parallel: fsdp shards the teacher across the processes of a torchrun "
+            "launch, and this is one process; launch with torchrun --nproc_per_node N -m "
+            "kdistill lm ... (N >= 2) or set teacher.parallel: none"
+        )
     if world > 1 and d.objective not in DDP_OBJECTIVES:
         raise ConfigError(
             f"distill.objective: {d.objective} runs in one process only; under torchrun "
@@ -1446,6 +1470,8 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
     student = _build_model(cfg.student, "student", causal, tokenizer, teacher)
     student = _prepare_student(cfg.student, student)
     student.to(device)
+    if teacher is not None and cfg.teacher is not None:  # after init_from_teacher copied it
+        teacher = _teacher_precision(cfg.teacher, teacher)
 
     setup = LMSetup(
         cfg,
@@ -1473,6 +1499,8 @@ def build_lm_run(cfg: LMExperimentConfig, device: torch.device | str = "cpu") ->
     else:
         live = any(t.uses_teacher and t.teacher != TOPK for t in objective.terms)
         distiller = Distiller(student, objective.terms, teacher=teacher if live else None)
+    if cfg.teacher is not None and cfg.teacher.parallel == "fsdp" and teacher is not None:
+        _shard_teacher(teacher, distiller)
     info = {"train_texts": len(train_ids), "eval_texts": len(eval_ids), **objective.info}
     info["fused"] = objective.model is not None
     if data_info:
@@ -1551,13 +1579,19 @@ def run_lm(cfg: LMExperimentConfig, resume: bool = False, progress: bool | None 
         evaluate = _evaluate_sharded
     teacher_metrics = None
     if run.teacher is not None:
-        run.teacher.to(device)
+        teacher_sharded = distributed.is_sharded(run.teacher)  # teacher.parallel: fsdp
+        if not teacher_sharded:  # a sharded teacher's shards already sit on the device
+            run.teacher.to(device)
         own = run.eval_loader if run.teacher_eval_loader is None else run.teacher_eval_loader
-        teacher_metrics = evaluate(run.teacher, own, device)
+        teacher_evaluate = _evaluate_sharded if teacher_sharded else evaluate
+        teacher_metrics = teacher_evaluate(run.teacher, own, device)
         teacher_tokenizer = run.teacher_tokenizer or run.tokenizer
         teacher_metrics.update(
-            _bits_per_byte(run, run.teacher, teacher_tokenizer, cfg.data, device)
+            _bits_per_byte(
+                run, run.teacher, teacher_tokenizer, cfg.data, device, sharded or teacher_sharded
+            )
         )
+        distributed.reshard(run.teacher)
     initial = evaluate(run.student, run.eval_loader, device)
     initial.update(_bits_per_byte(run, run.student, run.tokenizer, cfg.data, device, sharded))
     trainer = build_trainer(
