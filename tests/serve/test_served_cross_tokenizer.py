@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from _serving import CORPUS, ServerThread
+from test_serve_lm_integration import STUDENT
 from test_serve_scoring import shifting_app
 
 from kdistill.config import ConfigError
@@ -23,12 +24,6 @@ from kdistill.lm.served_cross import ROWS_FILE
 from kdistill.lm.train import build_lm_run, run_lm
 
 K = 8
-STUDENT = {
-    "arch": "llama",
-    "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-               "num_attention_heads": 4, "num_key_value_heads": 2,
-               "max_position_embeddings": 128},
-}  # fmt: skip
 LINES = [
     *CORPUS,
     "Define the word tree: a tall plant with a trunk.",
