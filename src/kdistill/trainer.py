@@ -632,8 +632,9 @@ class Trainer:
                     counted = None if y is None else y != IGNORE_INDEX  # (B,) or (B, T)
                     n = _batch_size(x) if counted is None else int(counted.sum())
                     correct = None
-                    if counted is not None and out.get("logits") is not None:
-                        correct = ((out["logits"].argmax(-1) == y) & counted).sum()
+                    logits = out.get("logits")
+                    if counted is not None and _classes_last(logits, y):
+                        correct = ((logits.argmax(-1) == y) & counted).sum()
                     sums.add(out, n, correct)
             else:
                 sums.skipped += 1
@@ -886,6 +887,12 @@ def _log(line: str) -> None:
     """A log line on stdout, flushed (above any progress bar, which lives on stderr)."""
     tqdm.write(line, file=sys.stdout)
     sys.stdout.flush()
+
+
+def _classes_last(logits: Tensor | None, target: Tensor) -> bool:
+    """Whether ``logits (..., C)`` score the classes of ``target (...)`` (ids), so that
+    ``train_accuracy`` means something; other outputs (boxes, no logits) log NaN."""
+    return logits is not None and logits.shape[:-1] == target.shape and not target.is_floating_point()
 
 
 def best_of(history: Sequence[Mapping[str, Any]], key: str) -> float:

@@ -164,3 +164,13 @@ def test_kdistill_run_takes_a_dense_task_config(tmp_path: Path, capsys: Any) -> 
     _check_run(
         tmp_path / "run", json.loads((tmp_path / "run" / "summary.json").read_text()), "miou"
     )
+
+
+def test_detection_logs_no_train_accuracy() -> None:
+    """Box targets ``(B, M, 5)`` line up with no logits: NaN, not a made-up accuracy."""
+    from kdistill.trainer import _classes_last
+
+    boxes = torch.zeros(2, 3, 5)
+    assert not _classes_last(torch.randn(2, 8, 16, 16), boxes)
+    assert not _classes_last(torch.randn(2, 3, 5), boxes)  # float targets are not class ids
+    assert _classes_last(torch.randn(2, 4, 4, 3), torch.zeros(2, 4, 4, dtype=torch.long))

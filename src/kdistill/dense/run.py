@@ -131,35 +131,25 @@ def load_dense_data(cfg: DenseConfig) -> DenseData:
 
 
 class DenseDistiller(Distiller):
-    """The :class:`Distiller`, with its ``logits`` output laid out for the Trainer.
+    """The :class:`Distiller`, its segmentation ``logits`` handed to the Trainer classes last.
 
-    The Trainer's running ``train_accuracy`` compares ``logits.argmax(-1)`` with the target,
-    which assumes classes last. Segmentation logits ``(B, C, H, W)`` are handed over as
-    ``(B, H, W, C)`` (so it is the pixel accuracy); detection outputs as the class scores at
-    each box centre ``(B, M, 1, C)`` against the padded ``(B, M, 5)`` boxes (so it is *not*
-    a metric: it also compares the coordinates). Only the logged ``logits`` change; the loss
-    terms see the models' own outputs. To be dropped when the Trainer takes per-task metrics.
+    The Trainer's running ``train_accuracy`` compares ``logits.argmax(-1)`` with targets of
+    the logits' leading shape; segmentation logits ``(B, C, H, W)`` go out as ``(B, H, W, C)``,
+    so it is the pixel accuracy. Detection targets are boxes ``(B, M, 5)``, which no logits
+    line up with: its ``train_accuracy`` is NaN (mAP is the test metric). Only the logged
+    ``logits`` change; the loss terms see the models' own outputs.
     """
 
-    def __init__(self, *args: Any, task: str, stride: float = STRIDE, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, task: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.task, self.stride = task, stride
+        self.task = task
 
     def forward(
         self, inputs: Inputs, target: Tensor | None = None, **kwargs: Any
     ) -> dict[str, Tensor]:
         out = super().forward(inputs, target, **kwargs)
-        logits = out["logits"]
         if self.task == "segmentation":
-            out["logits"] = logits.movedim(1, -1)  # (B, H, W, C)
-        elif target is not None:
-            c = logits.shape[1] - 4
-            h, w = logits.shape[-2:]
-            cx = ((target[..., 0] + target[..., 2]) / 2 / self.stride).long().clamp(0, w - 1)
-            cy = ((target[..., 1] + target[..., 3]) / 2 / self.stride).long().clamp(0, h - 1)
-            cell = (cy * w + cx)[..., None].expand(-1, -1, c)  # (B, M, C)
-            scores = logits[:, :c].flatten(2).transpose(1, 2).gather(1, cell)  # (B, M, C)
-            out["logits"] = scores[:, :, None]  # (B, M, 1, C)
+            out["logits"] = out["logits"].movedim(1, -1)  # (B, H, W, C)
         return out
 
 
