@@ -151,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
+        batch_patience=args.batch_patience,
         max_logprobs=args.max_logprobs,
     )
     return 0
@@ -325,8 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     serve.add_argument("--max-batch", type=int, default=32, help="sequences per batch at most")
     serve.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests"
+        "--batch-wait-ms", type=float, default=5.0, help="idle gap (ms) that closes a batch"
     )
+    serve.add_argument(
+        "--batch-patience", type=float, default=0.1,
+        help="fraction of the last batch's time to wait for its clients' next requests",
+    )  # fmt: skip
     serve.add_argument("--max-logprobs", type=int, default=64, help="largest top-k served")
     serve.set_defaults(func=_serve)
 

@@ -192,3 +192,43 @@ def test_kdistill_serve_cli_end_to_end(tiny_model_dir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_batch_collects_requests_until_the_server_is_idle() -> None:
+    """Requests 20 ms apart join one batch although they span well past the 100 ms gap
+    (a window counted from the first request split them); a response leaving or a request
+    starting (``touch``, the middleware's call) keeps the batch open too; a longer idle gap
+    starts the next batch; max_batch closes a batch at once; after a batch of N requests the
+    next waits for N (up to 10 % of that batch's run time) even across longer gaps."""
+    from kdistill.serve.server import Batcher, ScoreItem, _Pending
+
+    async def go(max_batch: int, events: list[tuple[str, float]], expect: int = 0) -> list[int]:
+        batcher = Batcher(None, max_batch=max_batch, wait_ms=100)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        # as if a batch of `expect` requests that ran 4 s had just ended: patient for 0.4 s
+        batcher.expect, batcher.last_seconds, batcher.finished_at = expect, 4.0, time.monotonic()
+
+        async def feed() -> None:
+            for kind, gap in events:
+                await asyncio.sleep(gap)
+                if kind == "touch":
+                    batcher.touch()
+                else:
+                    await batcher.queue.put(_Pending(ScoreItem([1], 1), loop.create_future()))
+
+        feeder = loop.create_task(feed())
+        sizes: list[int] = []
+        while sum(sizes) < sum(kind == "item" for kind, _ in events):
+            sizes.append(len(await batcher._collect()))
+        await feeder
+        return sizes
+
+    spaced = [("item", 0.0)] + [("item", 0.02)] * 9 + [("item", 0.4)]  # 10 over 180 ms, 1
+    assert asyncio.run(go(32, spaced)) == [10, 1]
+    touched = [("item", 0.0), ("touch", 0.06), ("touch", 0.06), ("touch", 0.06), ("item", 0.06)]
+    assert asyncio.run(go(32, touched)) == [2]  # 240 ms apart, never idle for 100 ms
+    assert asyncio.run(go(32, [("item", 0.0), ("item", 0.3)])) == [1, 1]
+    assert asyncio.run(go(4, [("item", 0.0)] * 10)) == [4, 4, 2]
+    slow_burst = [("item", 0.0), ("item", 0.15), ("item", 0.15), ("item", 0.15)]  # gaps > 100 ms
+    assert asyncio.run(go(32, slow_burst)) == [1, 1, 1, 1]
+    assert asyncio.run(go(32, slow_burst, expect=3)) == [3, 1]  # waits for the 3 it answered

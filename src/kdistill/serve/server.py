@@ -11,7 +11,8 @@ Routes (FastAPI, run by uvicorn):
 * ``POST /v1/chat/completions`` — ``messages`` through the tokenizer's chat template,
   ``logprobs`` / ``top_logprobs`` (``logprobs.content[i]`` with ``token``, ``bytes``, ``id``,
   ``logprob`` and ``top_logprobs``).
-* ``GET /kdistill/stats`` — requests, batches and the largest batch so far.
+* ``GET /kdistill/stats`` — requests, batches, the largest batch so far and the sizes
+  (sequences) of the last 1000 batches (``history``).
 
 **Alignment of echoed prompt log-probabilities** — the row of prompt position ``t`` is the
 model's distribution *predicting token t*, i.e. ``log_softmax(logits[t − 1])``; position 0
@@ -21,8 +22,23 @@ distribution predicting token ``t + 1`` there: see :mod:`kdistill.serve.scoring`
 Log-probabilities are the model's own, ``log_softmax`` of the raw logits at ``T = 1``,
 whatever the sampling temperature (vLLM's default).
 
-**Batching** — :class:`Batcher`: requests are queued; the worker takes the first one, waits
-up to ``batch_wait_ms`` for more (at most ``max_batch`` sequences), groups them by kind
+**Batching** — :class:`Batcher`: requests are queued; the worker takes the first one and
+keeps collecting until ``max_batch`` sequences are in, or
+
+1. while fewer requests are in than the previous batch answered, until ``batch_patience``
+   × that batch's run time after it ended: the clients it answered are likely to come
+   back (a client with concurrency ``N`` sends its next ``N`` requests one by one as it
+   handles the answers, spread over tens to hundreds of ms on a busy CPU); then
+2. until the server has been idle for ``batch_wait_ms`` — no request queued, no POST
+   request started and no POST response finished in that time (an ASGI middleware reports
+   the last two).
+
+A fixed window counted from the first request split such a burst into a batch of one and
+a batch of the rest (batches 16, 1, 15, 1, 15, ...: 20–30 % of the throughput lost on
+CPU, and on a GPU, where a batch of one costs about as much as a full one, nearly half;
+bench/serve_throughput.py). Waiting costs at most ``batch_patience`` (10 %) of a batch's
+time; a lone sequential client (previous batch: one request) is never held by rule 1.
+It groups them by kind
 (scoring, or generation with the same temperature / top-p / seed) and runs each group as one
 padded forward (right padding) or one ``generate`` (left padding), in a worker thread so the
 server keeps accepting requests.
@@ -335,11 +351,19 @@ class BatchStats:
 
 
 class Batcher:
-    """Groups work arriving within ``wait_ms`` into padded batches of at most ``max_batch``."""
+    """Groups work arriving with gaps under ``wait_ms`` into padded batches of at most
+    ``max_batch`` sequences (see the module docstring)."""
 
-    def __init__(self, model: TeacherModel, max_batch: int = 32, wait_ms: float = 5.0) -> None:
+    def __init__(
+        self, model: TeacherModel, max_batch: int = 32, wait_ms: float = 5.0, patience: float = 0.1
+    ) -> None:
         self.model, self.max_batch, self.wait = model, max_batch, wait_ms / 1000
+        self.patience = patience  # of the previous batch's run time, waiting for its clients
+        self.expect = 0  # requests the previous batch answered
+        self.last_seconds = 0.0  # its run time
+        self.finished_at = 0.0  # and when it ended (time.monotonic())
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.last_activity = 0.0  # time.monotonic() of the last request or response event
         self.stats = BatchStats()
         self._task: asyncio.Task[None] | None = None
 
@@ -350,6 +374,10 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    def touch(self) -> None:
+        """A request started or a response finished: the server is not idle."""
+        self.last_activity = time.monotonic()
 
     async def submit(self, item: ScoreItem | GenerateItem) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -362,25 +390,38 @@ class Batcher:
 
     async def _collect(self) -> list[_Pending]:
         batch = [await self.queue.get()]
+        self.touch()
         size = self._size(batch[0].item)
-        deadline = time.monotonic() + self.wait
+        patient_until = self.finished_at + self.patience * self.last_seconds
         while size < self.max_batch:
-            left = deadline - time.monotonic()
-            try:
-                pending = (
-                    self.queue.get_nowait()
-                    if left <= 0
-                    else await asyncio.wait_for(self.queue.get(), left)
-                )
-            except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                break
+            if self.queue.empty():
+                now = time.monotonic()
+                if len(batch) < self.expect and now < patient_until:
+                    wait = patient_until - now  # rule 1: the previous batch's clients
+                else:
+                    idle = now - self.last_activity
+                    if idle >= self.wait:
+                        break  # rule 2: idle for batch_wait_ms
+                    wait = self.wait - idle
+                try:
+                    await asyncio.wait_for(self._wait_for_item(), wait)
+                except asyncio.TimeoutError:
+                    continue  # a request may have started meanwhile: check again
+            pending = self.queue.get_nowait()
+            self.touch()
             batch.append(pending)
             size += self._size(pending.item)
         return batch
 
+    async def _wait_for_item(self) -> None:
+        """Until the queue holds an item (left in it: a cancelled wait loses nothing)."""
+        while self.queue.empty():
+            await asyncio.sleep(self.wait / 10 or 0.0005)
+
     async def _loop(self) -> None:
         while True:
             batch = await self._collect()
+            start = time.monotonic()
             groups: dict[tuple[Any, ...], list[_Pending]] = {}
             for pending in batch:
                 item = pending.item
@@ -400,6 +441,8 @@ class Batcher:
                 for p, result in zip(live, results, strict=True):
                     if not p.future.done():
                         p.future.set_result(result)
+            self.finished_at = time.monotonic()
+            self.expect, self.last_seconds = len(batch), self.finished_at - start
 
     def _run(self, items: list[Any]) -> list[Any]:
         sequences = sum(self._size(i) for i in items)
@@ -470,13 +513,14 @@ def build_app(
     *,
     max_batch: int = 32,
     batch_wait_ms: float = 5.0,
+    batch_patience: float = 0.1,
     max_logprobs: int = 64,
     max_model_len: int | None = None,
 ) -> Any:
     """The FastAPI app serving ``model`` (see the module docstring for the routes)."""
     from contextlib import asynccontextmanager
 
-    batcher = Batcher(model, max_batch=max_batch, wait_ms=batch_wait_ms)
+    batcher = Batcher(model, max_batch=max_batch, wait_ms=batch_wait_ms, patience=batch_patience)
     limit = max_model_len or getattr(model.model.config, "max_position_embeddings", None)
 
     @asynccontextmanager
@@ -486,6 +530,7 @@ def build_app(
         await batcher.stop()
 
     app = FastAPI(title=f"kdistill serve {model.name}", lifespan=lifespan)
+    app.add_middleware(_ActivityMiddleware, batcher=batcher)
     app.state.batcher = batcher
 
     @app.exception_handler(RequestValidationError)
@@ -536,7 +581,7 @@ def build_app(
     async def stats() -> dict[str, Any]:
         s = batcher.stats
         return {"requests": s.requests, "batches": s.batches, "max_batch": s.max_batch,
-                "sequences": s.sequences}  # fmt: skip
+                "sequences": s.sequences, "history": list(s.history)}  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
@@ -656,6 +701,27 @@ def build_app(
     return app
 
 
+class _ActivityMiddleware:
+    """Tells the batcher when a POST request starts and when its response has been sent
+    (pure ASGI: no buffering of the body)."""
+
+    def __init__(self, app: Any, batcher: Batcher) -> None:
+        self.app, self.batcher = app, batcher
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        self.batcher.touch()
+
+        async def send_and_touch(message: Any) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.batcher.touch()
+
+        await self.app(scope, receive, send_and_touch)
+
+
 async def _none(count: int) -> list[None]:
     return [None] * count
 
@@ -746,6 +812,7 @@ def serve(
     dtype: str = "auto",
     max_batch: int = 32,
     batch_wait_ms: float = 5.0,
+    batch_patience: float = 0.1,
     max_logprobs: int = 64,
 ) -> None:
     """Load ``model_dir`` and serve it until interrupted (``kdistill serve``)."""
@@ -753,7 +820,11 @@ def serve(
 
     teacher = load_teacher_model(model_dir, name=name, device=device, dtype=dtype)
     app = build_app(
-        teacher, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_logprobs=max_logprobs
+        teacher,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        batch_patience=batch_patience,
+        max_logprobs=max_logprobs,
     )
     print(
         f"kdistill serve: {teacher.name} on {teacher.device} at http://{host}:{port}/v1",
