@@ -238,7 +238,7 @@ def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         del teacher
         teacher = None
     step_loss = _loss_fn(variant, args, teacher, student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, fused=args.adamw_fused)
     gc.collect()
     losses, seconds = [], []
     before_kib = peak_reset = None
@@ -370,7 +370,7 @@ def run_trl_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             losses.append(loss.item())
             return loss
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, fused=args.adamw_fused)
     with tempfile.TemporaryDirectory(prefix="trl_out_") as out:
         config = GKDConfig(
             output_dir=out,
@@ -457,7 +457,7 @@ def run_interleaved(variants: list[str], args: argparse.Namespace) -> dict[str, 
     runs = {}
     for v in variants:
         student = load(folder / "student").train()
-        optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, fused=args.adamw_fused)
         runs[v] = (_loss_fn(v, args, None if v in TOPK else teacher, student), optimizer, [])
     for step, ids in enumerate(batches):
         order = variants if step % 2 == 0 else variants[::-1]
@@ -482,6 +482,8 @@ def _child_argv(args: argparse.Namespace, variant: str, python: str) -> list[str
     argv = [python, __file__, "--child", variant]
     for name in keep:
         argv.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
+    if args.adamw_fused:
+        argv.append("--adamw-fused")
     argv += ["--layers", *map(str, args.layers)]
     return argv
 
@@ -563,6 +565,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--beta", type=float, default=0.5, help="JSD beta (GKD)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--adamw-fused", action="store_true",
+        help="every variant's AdamW with fused=True (TRL's default optimizer, adamw_torch_fused; "
+        "no per-parameter temporaries in the step); default: torch's plain AdamW, kdistill's",
+    )  # fmt: skip
     parser.add_argument("--chunk-bytes", type=int, default=32 << 20)
     parser.add_argument("--k", type=int, default=32, help="top-k of the cached-teacher variants")
     parser.add_argument(
@@ -639,7 +646,8 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}; torch {first['torch']}, transformers "
         f"{first['transformers']}; Llama teacher {args.layers[0]} / student {args.layers[1]} "
         f"layers, hidden {args.hidden}, vocab {args.vocab}, tied embeddings; batch "
-        f"{args.batch} x {args.seq}; JSD beta {args.beta}; AdamW lr {args.lr}; {args.steps} "
+        f"{args.batch} x {args.seq}; JSD beta {args.beta}; AdamW lr {args.lr} "
+        f"{'fused' if args.adamw_fused else 'for-loop'}; {args.steps} "
         f"timed steps after {args.warmup}; chunk_bytes {args.chunk_bytes}; top-k k = {args.k}; "
         f"seed {args.seed}; GLIBC_TUNABLES {env.get('GLIBC_TUNABLES', 'unset')}\n"
     )
