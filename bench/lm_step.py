@@ -25,19 +25,23 @@ variant in a fresh subprocess with one thread:
   runs, with the live teacher (its hidden states and ``lm_head``) or the cached top-k, the
   divergence JSD ``--beta`` and ``alpha = 1`` (KD alone, as TRL's GKD loss; ``--lm-alpha``),
   chunks from the default byte budget (``chunk_bytes`` unset);
-* ``trl`` (only with ``--trl-python``) — OPTIONAL, TRL's GKD loss
-  ``trl.GKDTrainer.generalized_jsd_loss`` on full logits, in the same step loop, run by the
-  given interpreter (a venv with ``trl``, ``torch`` and ``transformers``; kdistill is not
-  needed there). It measures TRL's loss computation, not the HF ``Trainer`` around it.
+* ``trl`` / ``trl_gc`` (only with ``--trl-python``, a venv with ``trl``; kdistill is not
+  needed there) — TRL's GKD trainer itself: ``GKDTrainer(...).train()`` on the same models,
+  batches (in order) and AdamW, ``lmbda = 0`` (no on-policy generation), the same ``beta``,
+  temperature 1, float32; ``trl_gc`` with TRL's SFT default ``gradient_checkpointing: true``
+  (:func:`run_trl_child`). Its step time covers the whole Trainer loop.
 
 Peak memory is the process's resident high-water mark over the timed steps (``VmHWM`` /
-``ru_maxrss``, reset through ``/proc/self/clear_refs`` after set-up), measured over forward +
-backward (also shown above the resident size before the first timed step: the models, the
-AdamW state and the cached top-k) and over the whole step including ``AdamW.step``, whose own
-temporaries (one per parameter, e.g. the tied 49,152 x 576 embedding) can set the peak when the
-loss is lean. Minor page faults and system time per step come from
+``ru_maxrss``, reset through ``/proc/self/clear_refs`` after set-up and around each
+``AdamW.step``), measured over forward + backward (also shown above the resident size before
+the first timed step: the models, the AdamW state and the cached top-k) and over the whole
+step including ``AdamW.step``, whose own temporaries (one per parameter, e.g. the tied
+49,152 x 576 embedding, unless ``--adamw-fused``) can set the peak when the loss is lean. Minor page faults and system time per step come from
 ``resource.getrusage``. Every variant prints its per-step losses; the table reports the
-largest difference from ``budget`` (dense KD variants and TRL) or ``topk`` (top-k variants).
+largest difference from ``budget`` (dense KD variants), ``lm_default`` (TRL) or ``topk``
+(top-k variants); the last lines give ``lm_default`` against each TRL arm (the issue-18
+goals: ≥ 1.5× the tokens/s at ≤ 0.5× the peak, losses equal to 1e-6). ``--interleave ce
+lm_default_topk`` times variants step by step in one process (drift-free time ratios).
 """
 
 from __future__ import annotations
@@ -264,6 +268,8 @@ def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         losses.append(loss.item())
         if timed:
             peak_step_kib = max(peak_step_kib, _status_kib("VmHWM"), peak_loss_kib)
+            if peak_reset:  # the next forward + backward is measured without this AdamW step
+                _reset_peak()
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     timed = seconds[args.warmup :]
     tokens = args.batch * args.seq
@@ -363,6 +369,8 @@ def run_trl_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             ends.append(time.perf_counter())
             if state.global_step > args.warmup:  # global_step counts the finished step already
                 memory["step"] = max(memory["step"], _status_kib("VmHWM"), memory["fwd_bwd"])
+                if memory["reset"]:  # the next forward + backward without this AdamW step
+                    _reset_peak()
 
     class Recording(GKDTrainer):  # TRL's own step; only its returned loss is recorded
         def training_step(self, *a: Any, **kw: Any) -> Any:
