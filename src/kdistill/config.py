@@ -235,9 +235,14 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)  # step schedule, in epochs
     gamma: float = 0.1  # step schedule decay
     grad_clip: float | None = 5.0  # max global grad norm; null disables
+    # adam/adamw: torch's fused kernel (no per-parameter temporaries in the step: a lower peak);
+    # null: the run's default (on for kdistill lm, off for the vision runs)
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr")
+        if self.fused and self.name == "sgd":
+            raise ConfigError("fused: applies to name: adam or adamw; remove it for sgd")
         _check_non_negative(self, "weight_decay", "warmup_epochs")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")

@@ -62,7 +62,7 @@ from kdistill.checkpointer import (
     ResumeWarning,
     TrainState,
 )
-from kdistill.config import OptimConfig
+from kdistill.config import ConfigError, OptimConfig
 from kdistill.distiller import IGNORE_INDEX, LOGITS, Distiller, Inputs, untie_shared_tensors
 
 __all__ = [
@@ -122,9 +122,22 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
             weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov,
         )
+    fused = bool(cfg.fused) and _fusable(params)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def _fusable(params: Sequence[nn.Parameter]) -> bool:
+    """torch's fused Adam(W) takes floating-point parameters on CPU or CUDA; ``optim.fused:
+    true`` with others is an error naming the key (never a silent fallback)."""
+    bad = [p for p in params if not p.is_floating_point() or p.device.type not in ("cpu", "cuda")]
+    if bad:
+        raise ConfigError(
+            f"optim.fused: torch's fused Adam(W) needs floating-point parameters on CPU or "
+            f"CUDA, not {bad[0].dtype} on {bad[0].device}; set optim.fused: false"
+        )
+    return True
 
 
 MIN_ONECYCLE_STEPS = 8

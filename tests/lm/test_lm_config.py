@@ -122,3 +122,9 @@ def test_overrides_apply_to_nested_keys(tmp_path: Path) -> None:
     )
     cfg = load_lm_config(path, ["distill.divergence=reverse_kl", "seqkd.lam=1.0"])
     assert cfg.distill.divergence == "reverse_kl" and cfg.seqkd.lam == 1.0
+
+
+def test_kdistill_lm_steps_with_fused_adamw_by_default() -> None:
+    assert lm_config_from_dict(_config()).optim.fused is True
+    assert lm_config_from_dict(_config(optim={"fused": False})).optim.fused is False
+    assert lm_config_from_dict(_config(optim={"name": "sgd"})).optim.fused is False

@@ -213,6 +213,24 @@ def test_kdistill_lm_with_a_bfloat16_teacher(tmp_path: Path) -> None:
     assert teacher[1] == pytest.approx(teacher[0], rel=BF16_REL)
 
 
+def test_auto_keeps_the_dtype_a_teacher_checkpoint_comes_in(tmp_path: Path) -> None:
+    """``teacher.dtype: auto`` (the default) keeps a bf16 checkpoint in bf16 (transformers
+    loads it so); ``float32`` upcasts it; a teacher built from a config is float32 either way."""
+    from kdistill.lm.train import build_lm_run
+
+    built = build_lm_run(_config(tmp_path / "built", *RANDOM_STUDENT))
+    assert {p.dtype for p in built.teacher.parameters()} == {torch.float32}
+    folder = tmp_path / "bf16-teacher"
+    built.teacher.to(torch.bfloat16).save_pretrained(folder)
+    from_path = [f"teacher.path={folder}", "teacher.config={}"]
+    for dtype, want in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        run = build_lm_run(
+            _config(tmp_path / dtype, *RANDOM_STUDENT, *from_path, f"teacher.dtype={dtype}")
+        )
+        assert {p.dtype for p in run.teacher.parameters()} == {want}
+        assert {p.dtype for p in run.student.parameters()} == {torch.float32}
+
+
 def test_teacher_keys_are_validated(tmp_path: Path) -> None:
     from kdistill.config import ConfigError
     from kdistill.lm.train import build_lm_run

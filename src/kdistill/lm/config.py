@@ -168,9 +168,11 @@ class LMModelConfig:
     and as an adapter); ``gradient_checkpointing: true`` recomputes each block's activations
     in the backward pass instead of storing them (less memory, ≈ one more forward).
 
-    Teacher only: ``dtype: float32 | bfloat16 | float16`` keeps the frozen teacher's
+    Teacher only: ``dtype: auto | float32 | bfloat16 | float16`` keeps the frozen teacher's
     parameters in that dtype (half the memory in half precision) while the student trains in
     float32; its logits / hidden states are upcast to float32 where the divergence reads them.
+    ``auto`` (the default) keeps the dtype the teacher comes in: a checkpoint's own (a bf16
+    checkpoint stays bf16), float32 for a model built from a config.
     ``parallel: none | fsdp`` — ``fsdp`` (under torchrun) shards the frozen teacher with FSDP2
     over all ranks (``fully_shard`` per decoder layer and the root, inference only, no
     optimizer state), so each rank holds 1/N of it and all-gathers one layer at a time: a
@@ -191,7 +193,7 @@ class LMModelConfig:
     lora: StudentLoRAConfig | None = None
     gradient_checkpointing: bool = False
     # teacher only: the frozen teacher's parameter dtype, and FSDP2 sharding under torchrun
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     parallel: Literal["none", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
@@ -539,6 +541,8 @@ class LMExperimentConfig:
     train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(epochs=1))
 
     def __post_init__(self) -> None:
+        if self.optim.fused is None:  # the LM default: fused Adam(W), the lower peak memory
+            self.optim = dataclasses.replace(self.optim, fused=self.optim.name != "sgd")
         objective = self.distill.objective
         served = self.distill.teacher is not None
         from_file = self.data.generated_file is not None
@@ -613,7 +617,7 @@ class LMExperimentConfig:
                 f"teacher.{key}: the teacher is frozen; LoRA and gradient checkpointing are "
                 f"student settings (student.{key})"
             )
-        for key, default in (("dtype", "float32"), ("parallel", "none")):
+        for key, default in (("dtype", "auto"), ("parallel", "none")):
             if getattr(self.student, key) != default:
                 raise ConfigError(
                     f"student.{key}: {getattr(self.student, key)} is a teacher setting (the "

@@ -1400,7 +1400,10 @@ def _prepare_student(cfg: LMModelConfig, student: nn.Module) -> nn.Module:
 
 def _teacher_precision(cfg: LMModelConfig, teacher: nn.Module) -> nn.Module:
     """The frozen teacher in ``teacher.dtype`` (its outputs are upcast by the losses, which
-    compute in at least float32: :func:`kdistill.losses._reduce._compute_dtype`)."""
+    compute in at least float32: :func:`kdistill.losses._reduce._compute_dtype`); ``auto``
+    keeps the dtype it was loaded or built in."""
+    if cfg.dtype == "auto":
+        return teacher
     dtype = getattr(torch, cfg.dtype)
     if any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()):
         teacher.to(dtype)
