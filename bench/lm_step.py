@@ -576,7 +576,8 @@ def main() -> None:
     parser.add_argument(
         "--adamw-fused", action="store_true",
         help="every variant's AdamW with fused=True (TRL's default optimizer, adamw_torch_fused; "
-        "no per-parameter temporaries in the step); default: torch's plain AdamW, kdistill's",
+        "no per-parameter temporaries in the step; kdistill lm's default since b785077, "
+        "optim.fused); default: torch's for-loop AdamW (optim.fused: false)",
     )  # fmt: skip
     parser.add_argument("--chunk-bytes", type=int, default=32 << 20)
     parser.add_argument("--k", type=int, default=32, help="top-k of the cached-teacher variants")
