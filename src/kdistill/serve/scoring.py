@@ -6,7 +6,7 @@ the teacher's top-k log-probabilities of the token at ``t`` given tokens ``< t``
 
 * ``prompt_logprobs: k`` (vLLM, ``kdistill serve``): per position ``{id: {logprob, rank,
   decoded_token}}``, keyed by id — used when the texts are sent as token ids;
-* ``echo: true, logprobs: k, max_tokens: 0`` (OpenAI legacy, vLLM, llama.cpp,
+* ``echo: true, logprobs: k, max_tokens: 1`` (OpenAI legacy, vLLM, llama.cpp,
   ``kdistill serve``): ``logprobs.tokens`` / ``top_logprobs`` over the echoed prompt, keyed
   by token text (or ``token_id:N`` with ``return_tokens_as_token_ids``).
 
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from kdistill.config import ConfigError
-from kdistill.serve.client import EndpointRejected, OpenAIClient, TokenLogprob, TopToken
+from kdistill.serve.client import OpenAIClient, TokenLogprob, TopToken
 from kdistill.serve.tokens import AMBIGUOUS, TokenizerMismatch, TokenMap
 
 __all__ = [
@@ -103,10 +103,9 @@ async def _echo(
     base = {"model": model, "prompt": prompt, "echo": True, "logprobs": k, "temperature": 0.0}
     if as_ids:
         base["return_tokens_as_token_ids"] = True
-    try:
-        choices, body = await client.completions({**base, "max_tokens": 0})
-    except EndpointRejected:  # some servers want max_tokens >= 1: drop the generated token
-        choices, body = await client.completions({**base, "max_tokens": 1})
+    # max_tokens 1, not 0: llama.cpp's server reads 0 as "until the context is full" (985
+    # tokens, ≈ 16 s a text on CPU); the one generated token is cut off by _cut
+    choices, body = await client.completions({**base, "max_tokens": 1})
     tokens = choices[0].tokens if choices else None
     if not tokens:
         raise ScoringUnsupported(
