@@ -141,7 +141,9 @@ def test_the_rows_are_scored_once_and_a_stale_file_is_refused(
         ({"cache_topk": 4}, "top-k"),
         ({"teacher": _served("http://127.0.0.1:9/v1", tiny_model_dir)}, "teacher server"),
     ):
-        stale = _config(texts, out, "uld", **{"teacher": _served(served.url, tiny_model_dir), **change})
+        stale = _config(
+            texts, out, "uld", **{"teacher": _served(served.url, tiny_model_dir), **change}
+        )
         with pytest.raises(ConfigError, match=rf"^distill\.cache_dir: .* stale: .*{what}"):
             build_lm_run(lm_config_from_dict(stale))
     shorter = _config(texts, out, "uld", teacher=_served(served.url, tiny_model_dir))
@@ -213,3 +215,23 @@ def test_a_server_of_another_tokenizer_is_named(
     data = _config(texts, tmp_path / "run", "uld", teacher=_served(served.url, folder))
     with pytest.raises(ConfigError, match=r"^distill\.teacher: .*tokenizer of the served model"):
         build_lm_run(lm_config_from_dict(data))
+
+
+def test_cli_names_a_missing_served_tokenizer_in_one_line(
+    tiny_model_dir: Path, texts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from kdistill.cli import main
+
+    data = _config(
+        texts, tmp_path / "run", "uld", teacher=_served("http://127.0.0.1:9/v1", tiny_model_dir)
+    )
+    del data["distill"]["teacher"]["tokenizer"]
+    path = tmp_path / "served_cross.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["lm", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) <= 2 and "distill.teacher.tokenizer" in err[-1] and "Traceback" not in "".join(err)
+    )
