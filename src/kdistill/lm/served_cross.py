@@ -35,6 +35,7 @@ from kdistill.lm.alignment import SpanTokenizer, TokenSpans
 from kdistill.lm.batches import causal_lm_labels, pad_right
 from kdistill.lm.cross_tokenizer import VocabMap, served_teacher_topk
 from kdistill.lm.topk import TOPK, pack_topk
+from kdistill.trainer import TEACHER_PREFIX
 
 __all__ = [
     "ROWS_FILE",
@@ -142,7 +143,7 @@ class ServedCrossTokenizerCollator:
             "prompt_lengths": torch.zeros(len(spans), dtype=torch.long),
             "alignment": alignment,
             "num_bytes": torch.tensor([s.num_bytes for s in spans], dtype=torch.long),
-            f"teacher.{TOPK}": packed,
+            TEACHER_PREFIX + TOPK: packed,
         }
 
 
