@@ -144,17 +144,29 @@ def shard_student(
     Raises:
         RuntimeError: when no process group is initialised (use :func:`init_from_env`).
     """
+    return _shard_blocks_then_root(student, blocks, "shard_student", {}, {}, fsdp_kwargs)
+
+
+def _shard_blocks_then_root(
+    model: nn.Module,
+    blocks: Sequence[nn.Module] | None,
+    caller: str,
+    block_kwargs: dict[str, Any],
+    root_kwargs: dict[str, Any],
+    fsdp_kwargs: dict[str, Any],
+) -> nn.Module:
+    """``fully_shard`` each block (default :func:`default_blocks`), then the root."""
     from torch.distributed.fsdp import fully_shard
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            "shard_student needs a process group: start with torchrun and call "
+            f"{caller} needs a process group: start with torchrun and call "
             "kdistill.distributed.init_from_env() first"
         )
-    for block in default_blocks(student) if blocks is None else blocks:
-        fully_shard(block, **fsdp_kwargs)
-    fully_shard(student, **fsdp_kwargs)
-    return student
+    for block in default_blocks(model) if blocks is None else blocks:
+        fully_shard(block, **block_kwargs, **fsdp_kwargs)
+    fully_shard(model, **root_kwargs, **fsdp_kwargs)
+    return model
 
 
 def shard_teacher(
@@ -177,18 +189,16 @@ def shard_teacher(
     Raises:
         RuntimeError: when no process group is initialised (use :func:`init_from_env`).
     """
-    from torch.distributed.fsdp import fully_shard
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "shard_teacher needs a process group: start with torchrun and call "
-            "kdistill.distributed.init_from_env() first"
-        )
-    teacher.requires_grad_(False).eval()
-    for block in default_blocks(teacher) if blocks is None else blocks:
-        fully_shard(block, reshard_after_forward=True, **fsdp_kwargs)
-    fully_shard(teacher, reshard_after_forward=False, **fsdp_kwargs)
-    return teacher
+    if dist.is_available() and dist.is_initialized():
+        teacher.requires_grad_(False).eval()
+    return _shard_blocks_then_root(
+        teacher,
+        blocks,
+        "shard_teacher",
+        {"reshard_after_forward": True},
+        {"reshard_after_forward": False},
+        fsdp_kwargs,
+    )
 
 
 def reshard(model: nn.Module) -> None:
