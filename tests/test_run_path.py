@@ -286,3 +286,19 @@ def test_eval_every_evaluates_every_n_epochs_and_after_the_last(
 def test_eval_every_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["run", str(_vision_config(tmp_path)), "--set=train.eval_every=0"]) == 2
     assert "eval_every" in capsys.readouterr().err
+
+
+def test_new_option_mistakes_are_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``optim.fused`` with SGD (vision) and ``teacher.parallel: fsdp`` in one process (LM)."""
+    vision = ["run", str(_vision_config(tmp_path)), "--set=optim.name=sgd", "--set=optim.fused=true"]
+    assert cli.main(vision) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "fused" in err[-1] and "sgd" in err[-1]
+    pytest.importorskip("transformers")
+    lm = ["lm", str(LM / "tiny_token_kd.yaml"), f"--set=output_dir={tmp_path / 'lm'}",
+          "--set=teacher.parallel=fsdp"]  # fmt: skip
+    assert cli.main(lm) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "teacher.parallel" in err[-1] and "torchrun" in err[-1]
