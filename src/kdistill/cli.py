@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser(
         "sweep", help="grid of runs over any config keys and seeds, chosen on validation"
     )
-    sweep.add_argument("config", help="experiment YAML")
+    sweep.add_argument("config", help="experiment YAML (a scheme: section runs that scheme)")
     sweep.add_argument(
         "--grid",
         action="append",

@@ -14,6 +14,11 @@ parsed as YAML) or a YAML grid file::
 alpha ∈ {0.5, 0.9}. Every key and value is checked by building the point's config before
 anything trains, so a misspelt key fails at once with a message naming it.
 
+A file with a ``scheme:`` section (DML, online teacher, Born-Again, auxiliary heads, Mean
+Teacher, DINO, multi-teacher, semi-supervised: the files ``kdistill run`` takes) sweeps the
+same way, each run that scheme's (:func:`~kdistill.schemes.runner.run_scheme`), its keys
+(``scheme.mutual.alpha``) on the grid like any other.
+
 Every (point, seed) is an ordinary :func:`~kdistill.experiment.run_experiment` written to
 ``<output_dir>/<point label>/`` (``.../seed<s>/`` when ``seeds`` are given); with
 ``jobs > 1`` they run in a process pool with the CPU threads split between them. The best
@@ -215,12 +220,12 @@ def check_point(base: Mapping[str, Any], point: Mapping[str, Any]) -> Experiment
     """Build the point's config, naming the grid key of any error."""
     data = point_data(base, point)
     try:
-        cfg = config_from_dict(data)
+        cfg, scheme = build_configs(data)
     except ConfigError as err:
         values = ", ".join(f"{k}={v!r}" for k, v in point.items())
         raise ConfigError(f"sweep: grid point {values}: {err}") from None
     hinton = [k for k in point if k in (T_KEY, ALPHA_KEY, "distill.label_smoothing")]
-    if hinton and cfg.teacher is None:
+    if hinton and cfg.teacher is None and scheme is None:  # a scheme makes its own teachers
         raise ConfigError(
             f"sweep: grid key {hinton[0]}: the config has no teacher: section; "
             "distill.temperature and distill.alpha need one"
@@ -316,18 +321,35 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
 
 
+def build_configs(data: Mapping[str, Any]) -> tuple[ExperimentConfig, Any]:
+    """``(experiment, scheme)`` of a point's plain data; ``scheme`` is ``None`` for a plain
+    experiment and a :class:`~kdistill.schemes.config.SchemeConfig` for a file with a
+    ``scheme:`` section (the same files ``kdistill run`` takes)."""
+    if "scheme" in data:
+        from kdistill.schemes.config import split_scheme_dict
+
+        return split_scheme_dict(dict(data))
+    return config_from_dict(dict(data)), None
+
+
 def _run_point(data: dict[str, Any], seed: int, resume: bool) -> dict[str, Any]:
     """One run (a top-level function so a process pool can pickle it)."""
     from kdistill.experiment import run_experiment
+    from kdistill.schemes.runner import run_scheme
 
-    cfg = config_from_dict(data)
+    cfg, scheme = build_configs(data)
     out = Path(cfg.output_dir)
-    done = _finished(out, cfg) if resume else None
-    if done is not None:
-        summary, last = done
-    else:
-        result = run_experiment(cfg, resume=resume)
-        summary, last = result.summary, result.fit.final
+    done = _finished(out, cfg, scheme) if resume else None
+    if done is None:
+        if scheme is None:
+            result = run_experiment(cfg, resume=resume)
+            done = result.summary, result.fit.final
+        else:
+            run_scheme(cfg, scheme, resume=resume)
+            done = _finished(out, cfg, scheme)
+            if done is None:
+                raise RuntimeError(f"sweep: the scheme run in {out} left no summary or metrics")
+    summary, last = done
     student = summary["student"]
     return asdict(
         SeedRun(
@@ -338,19 +360,27 @@ def _run_point(data: dict[str, Any], seed: int, resume: bool) -> dict[str, Any]:
             train_accuracy=float(last["train_accuracy"]),
             val_accuracy=student.get("val_accuracy"),
             best_val_accuracy=student.get("best_val_accuracy"),
-            seconds=float(summary["seconds"]),
+            seconds=float(summary.get("seconds", math.nan)),
         )
     )
 
 
-def _finished(out: Path, cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """A finished run of exactly this config in ``out``: its summary and last epoch row."""
+def _finished(
+    out: Path, cfg: ExperimentConfig, scheme: Any = None
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A finished run of exactly this config (and scheme) in ``out``: its summary and the
+    student's last epoch row (a Born-Again run's rows are in its last generation's folder,
+    next to the student's weights)."""
     try:
         summary = json.loads((out / "summary.json").read_text())
-        rows = (out / "metrics.jsonl").read_text().splitlines()
-    except (OSError, ValueError):
+        weights = summary.get("student", {}).get("weights")
+        folder = Path(weights).parent if scheme is not None and weights else out
+        rows = (folder / "metrics.jsonl").read_text().splitlines()
+    except (OSError, ValueError, AttributeError):
         return None
     if summary.get("config") != json.loads(json.dumps(cfg.to_dict())) or not rows:
+        return None
+    if scheme is not None and summary.get("scheme") != json.loads(json.dumps(scheme.to_dict())):
         return None
     return summary, json.loads(rows[-1])
 
@@ -381,7 +411,7 @@ def run_sweep(
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")
     base = read_config_file(config, overrides)
-    base_cfg = config_from_dict(base)
+    base_cfg, _ = build_configs(base)
     grid = _full_grid(grid, temperatures, alphas)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"sweep --name {name!r}: use letters, digits, '_', '.', '-'")
@@ -412,7 +442,7 @@ def run_sweep(
             values = {**point, "seed": seed, "output_dir": str(folder), **extra}
             tasks.append((i, seed, point_data(base, values)))
     for _, _, data in tasks:  # each run's config is valid before anything trains
-        config_from_dict(data)
+        build_configs(data)
 
     cache = base_cfg.distill.cache_dir
     raw = _run_all(tasks, jobs, resume, warm_first=cache is not None and not Path(cache).exists())
@@ -603,6 +633,9 @@ def _write_outputs(
     root.mkdir(parents=True, exist_ok=True)
     epochs = base_cfg.train.epochs
     teacher = f" taught by {base_cfg.teacher.model}" if base_cfg.teacher else ""
+    scheme = base.get("scheme")
+    if isinstance(scheme, Mapping) and scheme.get("name"):
+        teacher += f", scheme {scheme['name']}"
     d = base_cfg.data
     held = f", {d.val_size} training images held out for validation" if d.val_size else ""
     seeds = sorted({r.seed for p in result.points for r in p.runs})

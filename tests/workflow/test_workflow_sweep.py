@@ -260,3 +260,55 @@ def test_sweep_refuses_bad_grids_before_training(
     assert main(["sweep", str(_config(tmp_path)), "--select", "val_accuracy"]) == 2
     assert "set data.val_size" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    ("scheme", "key", "values"),
+    [
+        ({"name": "mutual", "mutual": {"temperature": 1.0, "alpha": 0.5,
+                                       "peers": [{"model": "small_cnn"}]}},
+         "scheme.mutual.alpha", [0.5, 0.9]),
+        ({"name": "born_again", "born_again": {"generations": 1}},
+         "distill.temperature", [1.0, 4.0]),
+    ],
+)  # fmt: skip
+def test_a_scheme_file_is_swept_selected_on_validation_and_resumed(
+    tmp_path: Path,
+    tiny_overrides: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    scheme: dict[str, object],
+    key: str,
+    values: list[float],
+) -> None:
+    """A file with a scheme: section (what ``kdistill run`` takes) sweeps like a plain one:
+    each point is that scheme's run, scored on validation; resume reads it back."""
+    path = tmp_path / "scheme.yaml"
+    path.write_text(
+        yaml.safe_dump({
+            "output_dir": str(tmp_path / "sweep"), "data": {"val_size": 64},
+            "student": {"model": "small_cnn"}, "scheme": scheme,
+            "train": {"epochs": 1, "progress": False, "tensorboard": False},
+        })
+    )  # fmt: skip
+    grid = Grid({key: values})
+    first = run_sweep(path, grid, overrides=tiny_overrides, seeds=[0])
+    for point in first.points:
+        (run,) = point.runs
+        summary = json.loads((Path(run.output_dir) / "summary.json").read_text())
+        assert summary["scheme"]["name"] == scheme["name"]
+        assert run.val_accuracy == summary["student"]["val_accuracy"] is not None
+        assert run.test_accuracy == summary["student"]["test_accuracy"]
+        assert 0 <= run.train_accuracy <= 1 and run.seconds > 0
+    assert first.best.mean("val_accuracy") == max(p.mean("val_accuracy") for p in first.points)
+    assert f"scheme {scheme['name']}" in (tmp_path / "sweep" / "sweep.md").read_text()
+    best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
+    assert best["scheme"]["name"] == scheme["name"]  # ready for kdistill run
+
+    import kdistill.schemes.runner
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished scheme run was trained again")
+
+    monkeypatch.setattr(kdistill.schemes.runner, "run_scheme", no_training)
+    again = run_sweep(path, grid, overrides=tiny_overrides, seeds=[0], resume=True, name="again")
+    assert [p.runs for p in again.points] == [p.runs for p in first.points]

@@ -175,12 +175,12 @@ def run_scheme(
             "test_accuracy": fit.final["test_accuracy"],
             "best_test_accuracy": best_of(fit.history, "test_accuracy"),
             "weights": str(fit.student_path),
+            **_val_summary(fit, val),  # where a plain run's summary has it
         },
         "teacher": built.teacher,
         "epochs": cfg.train.epochs,
         "train_samples": int(train[0].shape[0]),
         "seconds": sum(r["epoch_time_s"] for r in fit.history),
-        **_val_summary(fit, val),
         "data": data_record(cfg.data, cfg.seed, train, test, config_dir(cfg)),  # what was read
         "config": cfg.to_dict(),
     }
@@ -567,13 +567,19 @@ _BUILDERS: dict[str, Callable[[_Context], _Built]] = {
 def _run_born_again(cfg: ExperimentConfig, scheme: SchemeConfig, resume: bool) -> SchemeRunResult:
     s = scheme.settings
     rows = born_again(cfg, s.generations, resume=resume, ensemble=s.ensemble)
-    last = json.loads((Path(rows[-1]["output_dir"]) / "summary.json").read_text())
+    summaries = [
+        json.loads((Path(r["output_dir"]) / "summary.json").read_text())
+        for r in rows
+        if r["output_dir"] is not None  # not a given generation 0
+    ]
+    last = summaries[-1]
     summary = {
         "scheme": scheme.to_dict(),
         "generations": rows,
         "student": last["student"],
         "teacher": last["teacher"],
         "epochs": cfg.train.epochs,
+        "seconds": sum(s["seconds"] for s in summaries),  # every generation trained here
         "config": cfg.to_dict(),
     }
     _write_summary(cfg, summary)
