@@ -506,5 +506,5 @@ def test_optim_fused_picks_torchs_fused_adamw_and_refuses_what_it_cannot_fuse() 
     with pytest.raises(ConfigError, match="fused: applies to name: adam or adamw"):
         OptimConfig(name="sgd", fused=True)
     integer = nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
-    with pytest.raises(ConfigError, match="optim.fused: .*floating-point"):
+    with pytest.raises(ConfigError, match=r"optim\.fused: .*floating-point"):
         build_optimizer([integer], OptimConfig(fused=True))

@@ -224,8 +224,10 @@ def check_point(base: Mapping[str, Any], point: Mapping[str, Any]) -> Experiment
     except ConfigError as err:
         values = ", ".join(f"{k}={v!r}" for k, v in point.items())
         raise ConfigError(f"sweep: grid point {values}: {err}") from None
+    if scheme is not None:  # its teachers and its use of distill: are the scheme runner's
+        return cfg
     hinton = [k for k in point if k in (T_KEY, ALPHA_KEY, "distill.label_smoothing")]
-    if hinton and cfg.teacher is None and scheme is None:  # a scheme makes its own teachers
+    if hinton and cfg.teacher is None:
         raise ConfigError(
             f"sweep: grid key {hinton[0]}: the config has no teacher: section; "
             "distill.temperature and distill.alpha need one"
