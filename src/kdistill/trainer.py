@@ -905,7 +905,9 @@ def _log(line: str) -> None:
 def _classes_last(logits: Tensor | None, target: Tensor) -> bool:
     """Whether ``logits (..., C)`` score the classes of ``target (...)`` (ids), so that
     ``train_accuracy`` means something; other outputs (boxes, no logits) log NaN."""
-    return logits is not None and logits.shape[:-1] == target.shape and not target.is_floating_point()
+    return (
+        logits is not None and logits.shape[:-1] == target.shape and not target.is_floating_point()
+    )
 
 
 def best_of(history: Sequence[Mapping[str, Any]], key: str) -> float:

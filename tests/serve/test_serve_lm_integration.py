@@ -283,6 +283,7 @@ def test_server_scored_cache_equals_the_local_teachers_cache(
     torch.testing.assert_close(sr[rows].exp(), lr[rows].exp(), atol=1e-5, rtol=0)
     print(f"max |Δ value| {(sv[rows] - lv[rows]).abs().max():.2e}, max |Δ rest mass| "
           f"{(sr[rows].exp() - lr[rows].exp()).abs().max():.2e}")  # fmt: skip
+
     # an existing cache is reused without asking the server; another server's is stale
     def no_server(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the server was asked again")

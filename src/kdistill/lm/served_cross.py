@@ -248,7 +248,9 @@ def _read(path: Path, expected: Mapping[str, str]) -> ServedTeacherRows:
                 f"{path} is stale: it holds the rows of another {what}; set "
                 "distill.cache_rebuild: true or use another distill.cache_dir"
             )
-    return ServedTeacherRows(**{n: tensors[n] for n in _TENSORS}, vocab_size=int(meta["vocab_size"]))
+    return ServedTeacherRows(
+        **{n: tensors[n] for n in _TENSORS}, vocab_size=int(meta["vocab_size"])
+    )
 
 
 def _write(path: Path, rows: ServedTeacherRows, metadata: Mapping[str, str]) -> None:
