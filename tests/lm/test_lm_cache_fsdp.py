@@ -74,6 +74,14 @@ def test_pack_topk_round_trips_exactly() -> None:
         unpack_topk(torch.zeros(2, 4))
 
 
+def test_pack_topk_takes_the_caches_uint16_ids() -> None:
+    """A vocabulary of 32,769–65,536 ids (SmolLM2's 49,152) is cached as uint16, on which
+    CPU torch has no ``max``: packing must not need it."""
+    ids = torch.tensor([[49151, 40000, 3]], dtype=torch.uint16)
+    _, i, _ = unpack_topk(pack_topk(torch.zeros(1, 3), ids, torch.zeros(1)))
+    assert i.tolist() == [[49151, 40000, 3]]
+
+
 def test_topk_loss_at_full_vocabulary_is_the_dense_divergence() -> None:
     g = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(2, 6, 11, generator=g), 3 * torch.randn(2, 6, 11, generator=g)

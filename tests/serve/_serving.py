@@ -147,7 +147,7 @@ def fake_completion_body(payload: dict[str, Any], chat: bool) -> dict[str, Any]:
 class FaultServer:
     """An http.server speaking just enough of the OpenAI API, failing on a script.
 
-    ``script``: actions consumed one per POST — ``("status", code, headers)``,
+    ``script``: actions consumed one per POST — ``("status", code, headers[, message])``,
     ``("sleep", seconds)`` (then a normal answer), ``("malformed",)`` (200 with broken JSON),
     ``("truncate",)`` (a Content-Length larger than the body, then the connection closes),
     ``("no_choices",)``. With the script spent every POST gets a normal answer after
@@ -195,7 +195,8 @@ class FaultServer:
                     action = outer.script.pop(0) if outer.script else None
                 chat = self.path.endswith("/chat/completions")
                 if action is not None and action[0] == "status":
-                    message = {"error": {"message": f"injected {action[1]}"}}
+                    text = action[3] if len(action) > 3 else f"injected {action[1]}"
+                    message = {"error": {"message": text}}
                     self._send(action[1], json.dumps(message).encode(), action[2])
                     return
                 if action is not None and action[0] == "malformed":

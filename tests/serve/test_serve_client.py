@@ -119,6 +119,23 @@ def test_400_is_not_retried() -> None:
     assert len(server.requests) == 1
 
 
+def test_a_500_whose_body_is_a_validation_error_is_a_rejection_not_an_outage() -> None:
+    """llama-cpp-python's server answers a request its schema rejects (e.g. a token-id
+    prompt) with HTTP 500 and pydantic's message: retrying cannot help, and calling it an
+    outage ("check that the server is up") would misname the cause."""
+    body = (
+        "4 validation errors:\n  {'type': 'string_type', 'loc': ('body', 'prompt', 'str'), "
+        "'msg': 'Input should be a valid string', 'input': [16, 28, 30]}"
+    )
+    with (
+        FaultServer([("status", 500, {}, body)]) as server,
+        pytest.raises(EndpointRejected, match="rejected the request as invalid") as err,
+    ):
+        _chat(server)
+    assert len(server.requests) == 1 and "Input should be a valid string" in str(err.value)
+    assert "server is up" not in str(err.value) and isinstance(err.value, ConfigError)
+
+
 def test_the_key_is_sent_only_in_the_authorization_header() -> None:
     with FaultServer() as server:
         (_, client) = _chat(server)

@@ -25,6 +25,7 @@ from kdistill.lm.train import build_lm_run
 from kdistill.serve.config import generate_config_from_dict
 from kdistill.serve.generate import run_generate
 from kdistill.serve.server import build_app
+from kdistill.serve.tokens import TokenMap
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "lm"
 PROMPTS = [
@@ -250,18 +251,14 @@ def texts(tmp_path: Path) -> Path:
     return path
 
 
-def test_server_scored_cache_equals_the_local_teachers_cache(
-    server: ServerThread,
-    teacher: Any,
-    texts: Path,
-    tiny_model_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+def _assert_cache_is_the_local_teachers(
+    run: Any, cfg: Any, out: Path, teacher: Any, tmp_path: Path, text_named: bool = False
 ) -> None:
-    out = tmp_path / "run"
-    cfg = lm_config_from_dict(_token_kd_config(texts, tiny_model_dir, out, server.url))
-    run = build_lm_run(cfg)
-    assert run.info["teacher_cache"]["built"] and run.distiller.teacher is None
+    """The server-scored top-k cache in ``out / "cache"`` equals the local teacher's own
+    top-k of the same texts (ids, values, rest mass) on every row that predicts a token.
+    ``text_named``: the server named its alternatives by text only (llama.cpp), so a partial
+    UTF-8 byte that several ids spell cannot be placed (its mass stays in the rest bucket):
+    each row holds the local top-k without those ids, with the same values."""
     served = open_cache(out / "cache")
     assert served.manifest["teacher"] == cfg.distill.teacher.identity()
     examples = sorted(run.train_loader.examples, key=lambda x: x["row"])
@@ -277,12 +274,41 @@ def test_server_scored_cache_equals_the_local_teachers_cache(
     values = {name: (c["topk_values"].to_tensor(), c["topk_indices"].to_tensor(),
                      c["rest_log_mass"].to_tensor()) for name, c in (("s", served), ("l", local))}  # fmt: skip
     (sv, si, sr), (lv, li, lr) = values["s"], values["l"]
+    if text_named:  # per row: the served entries are the local top-k minus the unplaceable
+        by_text = TokenMap.from_tokenizer(run.tokenizer).by_text
+        placeable = {i for i in by_text.values() if i >= 0}
+        compared = 0
+        for n, t in rows.nonzero().tolist():
+            local_row = [(int(i), float(v)) for i, v in zip(li[n, t], lv[n, t], strict=True)]
+            want = [(i, v) for i, v in local_row if i in placeable]
+            got = [(int(i), float(v)) for i, v in zip(si[n, t], sv[n, t], strict=True)]
+            got = [(i, v) for i, v in got if v != -math.inf]
+            assert [i for i, _ in got] == [i for i, _ in want], (n, t)
+            torch.testing.assert_close([v for _, v in got], [v for _, v in want], atol=1e-5, rtol=0)
+            compared += len(got)
+        assert compared > rows.sum() * 4  # of 8 per row: most entries are placeable
+        return
     assert torch.equal(si[rows].long(), li[rows].long())
     torch.testing.assert_close(sv[rows], lv[rows], atol=1e-5, rtol=0)
     # the server sends top-k only: rest = log(1 − Σ top-k) vs the local logsumexp of the rest
     torch.testing.assert_close(sr[rows].exp(), lr[rows].exp(), atol=1e-5, rtol=0)
     print(f"max |Δ value| {(sv[rows] - lv[rows]).abs().max():.2e}, max |Δ rest mass| "
           f"{(sr[rows].exp() - lr[rows].exp()).abs().max():.2e}")  # fmt: skip
+
+
+def test_server_scored_cache_equals_the_local_teachers_cache(
+    server: ServerThread,
+    teacher: Any,
+    texts: Path,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    cfg = lm_config_from_dict(_token_kd_config(texts, tiny_model_dir, out, server.url))
+    run = build_lm_run(cfg)
+    assert run.info["teacher_cache"]["built"] and run.distiller.teacher is None
+    _assert_cache_is_the_local_teachers(run, cfg, out, teacher, tmp_path)
 
     # an existing cache is reused without asking the server; another server's is stale
     def no_server(*args: Any, **kwargs: Any) -> None:
@@ -293,6 +319,25 @@ def test_server_scored_cache_equals_the_local_teachers_cache(
     cfg = lm_config_from_dict(_token_kd_config(texts, tiny_model_dir, out, "http://127.0.0.1:9/v1"))
     with pytest.raises(ConfigError, match=r"distill\.cache_dir: .* stale: .*teacher server"):
         build_lm_run(cfg)
+
+
+def test_a_server_that_rejects_token_ids_scores_the_texts_as_strings(
+    teacher: Any, texts: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """llama.cpp's server: token-id prompts get an HTTP 500 validation error (not retried,
+    not an outage), echo rows come one position late and position 0 has none. With
+    ``on_shift: correct`` the texts go out as strings (special tokens spelt), the rows are
+    moved back, the missing one asked for by generating after the first token, every token
+    checked against the student's ids: the local teacher's own cache."""
+    out = tmp_path / "run"
+    with ServerThread(shifting_app(teacher, llamacpp=True)) as server:
+        cfg = lm_config_from_dict(
+            _token_kd_config(texts, tiny_model_dir, out, server.url, on_shift="correct")
+        )
+        with pytest.warns(UserWarning, match="rejects token-id prompts") as caught:
+            run = build_lm_run(cfg)
+    assert any("correcting" in str(w.message) for w in caught)
+    _assert_cache_is_the_local_teachers(run, cfg, out, teacher, tmp_path, text_named=True)
 
 
 def test_a_shifting_or_non_scoring_server_is_refused(

@@ -12,10 +12,11 @@ import pytest
 import torch
 from _serving import FaultServer, ServerThread
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from kdistill.cache import topk_log_probs
 from kdistill.config import ConfigError
-from kdistill.serve.client import OpenAIClient
+from kdistill.serve.client import OpenAIClient, TopToken
 from kdistill.serve.config import generate_config_from_dict
 from kdistill.serve.generate import run_generate
 from kdistill.serve.records import (
@@ -29,21 +30,34 @@ from kdistill.serve.scoring import (
     ScoringUnsupported,
     check_alignment,
     score_texts,
+    topk_row,
     topk_rows,
 )
 from kdistill.serve.server import _top_dict
-from kdistill.serve.tokens import TokenMap
+from kdistill.serve.tokens import TokenizerMismatch, TokenMap
 
 TEXTS = ["Knowledge distillation trains a small student.", "1, 2, 3, 4, 5, 6"]
 
 
-def shifting_app(teacher: Any) -> FastAPI:
+# llama-cpp-python 0.3.36's answer to a token-id prompt (measured): HTTP 500, not a 4xx
+LLAMACPP_IDS_REJECTED = (
+    "4 validation errors:\n  {'type': 'string_type', 'loc': ('body', 'prompt', 'str'), 'msg': "
+    "'Input should be a valid string', 'input': [16, 28, 30]}\n"
+)
+
+
+def shifting_app(teacher: Any, llamacpp: bool = False) -> FastAPI:
     """A /v1/completions that echoes prompt rows one position late, as llama.cpp's server:
-    the row of token t is the distribution predicting token t + 1."""
+    the row of token t is the distribution predicting token t + 1. ``llamacpp``: also as
+    llama-cpp-python 0.3.36 — a token-id prompt gets its HTTP 500 validation error, and the
+    echo has no row at position 0 (the distribution predicting token 1 is never sent)."""
     app = FastAPI()
 
     @app.post("/v1/completions")
-    async def completions(req: dict[str, Any]) -> dict[str, Any]:
+    async def completions(req: dict[str, Any]) -> Any:
+        if llamacpp and not isinstance(req["prompt"], str):
+            error = {"message": LLAMACPP_IDS_REJECTED, "type": "internal_server_error"}
+            return JSONResponse({"error": error}, status_code=500)
         ids = teacher.encode(req["prompt"]) if isinstance(req["prompt"], str) else req["prompt"]
         k = int(req.get("logprobs") or 1)
         scored = teacher.score([[*ids, 0]], k)[0]  # rows 1..T: predicting ids[1:] and beyond
@@ -62,6 +76,8 @@ def shifting_app(teacher: Any) -> FastAPI:
                 dict(zip(top, values, strict=True)).get(tok)
                 for tok, (top, values) in zip(ids, rows, strict=True)
             ]
+            if llamacpp:
+                tops[0] = lps[0] = None
         return {"choices": [{"index": 0, "text": teacher.decode(tokens), "finish_reason": "length",
                              "logprobs": {"tokens": [teacher.texts[t] for t in tokens],
                                           "token_logprobs": lps, "top_logprobs": tops}}],
@@ -171,3 +187,22 @@ def test_a_different_student_tokenizer_is_an_error_not_a_skip(
     other = TokenMap.from_table([bytes([b]) for b in range(256)])  # a byte-level student
     with pytest.raises(ConfigError, match="tokenizers differ"):
         completion_topk(example, other, 3)
+
+
+def test_an_unspelt_alternative_goes_to_the_rest_bucket_not_an_error() -> None:
+    """llama.cpp names a special token among the top-k as ``''`` with ``bytes: null``: its
+    mass stays in the rest bucket; a token that is spelt but unknown is still an error."""
+    table = [b"a", b"b", b"c", b"<|im_end|>"]
+    token_map = TokenMap.from_table(table)
+    a, b = TopToken("a", -0.5, None), TopToken("b", -1.5, None)
+    special = TopToken("", -2.0, None)
+    values, indices, rest, left_out = topk_row((a, special, b), 2, token_map)
+    assert left_out == 1
+    assert indices.tolist() == [0, 1]
+    torch.testing.assert_close(values, torch.tensor([-0.5, -1.5]))
+    mass_outside = 1 - torch.tensor([-0.5, -1.5]).exp().sum()  # includes the special's e^-2
+    torch.testing.assert_close(rest, mass_outside.log())
+    with pytest.raises(TokenizerMismatch, match="'zz'"):
+        topk_row((a, TopToken("zz", -2.0, None)), 2, token_map)
+    with pytest.raises(TokenizerMismatch):  # empty text with bytes is a (wrong) token, not unspelt
+        topk_row((a, TopToken("", -2.0, [0xE2])), 2, token_map)

@@ -202,7 +202,8 @@ def pack_topk(values: Tensor, indices: Tensor, rest_log_mass: Tensor) -> Tensor:
         indices: ``(..., k)`` their token ids (any integer dtype).
         rest_log_mass: ``(...)`` log of the teacher's mass on the other ids.
     """
-    if indices.numel() and int(indices.max()) >= _EXACT_FLOAT32_IDS:
+    narrow = indices.dtype in (torch.uint8, torch.int8, torch.int16, torch.uint16)  # all exact
+    if not narrow and indices.numel() and int(indices.max()) >= _EXACT_FLOAT32_IDS:
         raise ValueError("token ids >= 2^24 cannot be packed exactly in float32")
     return torch.cat([values.float(), indices.float(), rest_log_mass.float().unsqueeze(-1)], dim=-1)
 

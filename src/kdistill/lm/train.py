@@ -355,6 +355,14 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
+def _decode_verbatim(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of token ids with special tokens spelt out (``<|endoftext|>``), for a server
+    that tokenises text itself and reads special tokens in it (llama.cpp's)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.decode(ids)
+    return str(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+
 # --------------------------------------------------------------------------- models
 
 PRETRAINED = ("smollm2", "minilm")
@@ -678,17 +686,20 @@ def _served_rows(
 ) -> TopKRows:
     """Teacher-forced top-k of every training text, scored by the server ``distill.teacher``.
 
-    The texts go out as token ids (rows then line up with them exactly); row ``t`` predicts
-    token ``t + 1``; the last row of a text and its padding are placeholders (their labels
-    are ignored). Returns ``values (N, width, k)``, ``indices (N, width, k)``,
+    The texts go out as token ids (rows then line up with them exactly) — or, to a server
+    that rejects token-id prompts (llama.cpp's), as their decoded text, which it tokenises
+    itself: every echoed token is then checked against the ids. Row ``t`` predicts token
+    ``t + 1``; the last row of a text and its padding are placeholders (their labels are
+    ignored). Returns ``values (N, width, k)``, ``indices (N, width, k)``,
     ``rest_log_mass (N, width)``.
     """
     from kdistill.serve.client import EndpointError
     from kdistill.serve.scoring import placeholder_rows, score_texts_sync, topk_rows
 
+    strings = [_decode_verbatim(tokenizer, ids) for ids in train_ids]
     try:
         scored = score_texts_sync(
-            served.client, served.model, train_ids, k, on_shift=served.on_shift
+            served.client, served.model, train_ids, k, on_shift=served.on_shift, strings=strings
         )
     except (EndpointError, ConfigError) as err:  # ScoringUnsupported, MisalignedServerError
         raise ConfigError(f"distill.teacher: {err}") from None
@@ -697,15 +708,24 @@ def _served_rows(
     values, indices = values.view(-1, width, k), indices.view(-1, width, k)  # (N, T, k)
     rest = rest.view(-1, width)  # (N, T)
     for i, (ids, text) in enumerate(zip(train_ids, scored, strict=True)):
-        v, idx, r, got = topk_rows(text, k, token_map)  # (T_i, k), (T_i, k), (T_i,)
+        v, idx, r, got = topk_rows(text, k, token_map, ids)  # (T_i, k), (T_i, k), (T_i,)
         if got != list(ids):
             raise ConfigError(
                 f"distill.teacher: the server scored training text {i} as other tokens than "
-                "the student's tokenizer gives; the teacher's and the student's tokenizers "
-                "differ (use the teacher's tokenizer: data.tokenizer)"
+                f"the student's tokenizer gives ({_first_difference(got, list(ids))}); the "
+                "teacher's and the student's tokenizers differ (use the teacher's tokenizer: "
+                "data.tokenizer), or the server re-tokenised the text differently"
             )
         values[i, : len(ids)], indices[i, : len(ids)], rest[i, : len(ids)] = v, idx, r
     return values, indices, rest
+
+
+def _first_difference(got: list[int], want: list[int]) -> str:
+    """Where two id lists part: ``token 3: 28 vs 30`` or their lengths."""
+    for t, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            return f"token {t}: id {a} from the server vs {b}"
+    return f"{len(got)} tokens from the server vs {len(want)}"
 
 
 def _served_topk_cache(

@@ -11,7 +11,10 @@ Failures are sorted into two kinds:
   ``backoff · 2^attempt`` seconds (capped at ``max_backoff``, with "full jitter": a uniform
   draw in ``[delay/2, delay]``). When they are spent, :class:`EndpointUnavailable` names the
   URL, the number of attempts and the last error.
-* **not retried** — any other 4xx: :class:`EndpointRejected` (a
+* **not retried** — any other 4xx, and a 5xx whose body is a request-validation error
+  (llama-cpp-python's server answers a request its schema rejects with HTTP 500 and
+  pydantic's message; retrying it would only misreport a bad request as an outage):
+  :class:`EndpointRejected` (a
   :class:`~kdistill.config.ConfigError`, so the CLI prints one line and exits 2): 401/403
   names the environment variable of the key, 404 the model (and the models the server
   lists), others quote the server's message.
@@ -351,6 +354,12 @@ class OpenAIClient:
         except httpx.TransportError as err:  # refused, reset, truncated body, protocol error
             raise _Retryable(f"{type(err).__name__}: {err}") from None
         status = response.status_code
+        if status >= 500 and _is_validation_error(response.text):
+            raise EndpointRejected(
+                f"HTTP {status} from {url}: the server rejected the request as invalid (its "
+                "body is a request-validation error, not an outage; not retried). Server said: "
+                f"{_snippet(response.text)}"
+            )
         if status == 429 or status >= 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             raise _Retryable(f"HTTP {status}: {_snippet(response.text)}", retry_after)
@@ -401,6 +410,19 @@ class OpenAIClient:
             f"HTTP {status} from {url}: the server rejected the request (not retried); "
             f"check the sampling settings. Server said: {detail}"
         )
+
+
+_VALIDATION = re.compile(
+    r"validation error|Input should be|\(\s*'body'\s*,|\[\s*\"body\"\s*,|field required",
+    re.IGNORECASE,
+)
+
+
+def _is_validation_error(text: str) -> bool:
+    """A 5xx body that reports the *request* as invalid: pydantic / FastAPI validation
+    messages ("Input should be a valid string", ``'loc': ('body', 'prompt')``), which
+    llama-cpp-python's server wraps as HTTP 500. Retrying cannot help; it is a rejection."""
+    return bool(_VALIDATION.search(text[:4000]))
 
 
 def _snippet(text: str) -> str:

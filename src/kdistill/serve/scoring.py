@@ -30,6 +30,7 @@ token ``t + 1``, as the logits of a causal LM at ``t``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import warnings
@@ -41,8 +42,8 @@ import torch
 from torch import Tensor
 
 from kdistill.config import ConfigError
-from kdistill.serve.client import OpenAIClient, TokenLogprob, TopToken
-from kdistill.serve.tokens import AMBIGUOUS, TokenizerMismatch, TokenMap
+from kdistill.serve.client import EndpointRejected, OpenAIClient, TokenLogprob, TopToken
+from kdistill.serve.tokens import AMBIGUOUS, TokenizerMismatch, TokenMap, token_text
 
 __all__ = [
     "COUNTING_PROMPT",
@@ -214,20 +215,33 @@ async def score_texts(
     *,
     method: Literal["auto", "prompt_logprobs", "echo"] = "auto",
     on_shift: Literal["refuse", "correct"] = "refuse",
+    strings: Sequence[str] | None = None,
 ) -> list[ScoredText]:
     """Score every text (a string, or token ids of the teacher's tokenizer) at every position.
 
     Runs :func:`check_alignment` first whenever the echo method is used. Requests go out
     concurrently (bounded by the client).
+
+    ``strings``: with token-id texts, the same texts as strings, sent instead when the server
+    rejects token-id prompts (llama-cpp-python's server: HTTP 500, "Input should be a valid
+    string") — it then tokenises them itself, so the caller must check that the echoed
+    tokens are its ids. Without them, such a server is a :class:`ScoringUnsupported`.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     as_ids = bool(texts) and not isinstance(texts[0], str)
+    if strings is not None and len(strings) != len(texts):
+        raise ValueError(f"{len(strings)} strings for {len(texts)} texts")
     use_prompt_logprobs = method == "prompt_logprobs" or (method == "auto" and as_ids)
     if use_prompt_logprobs:
         if not as_ids:
             raise ValueError("prompt_logprobs scoring needs token ids (ids identify the rows)")
-        first = await _prompt_logprobs(client, model, list(texts[0]), k)  # type: ignore[arg-type]
+        try:
+            first = await _prompt_logprobs(client, model, list(texts[0]), k)  # type: ignore[arg-type]
+        except EndpointRejected:
+            if method == "prompt_logprobs":
+                raise
+            first = None  # the ids or the field refused: try echo, which says which
         if first is not None:
             rest = await asyncio.gather(
                 *[_prompt_logprobs(client, model, list(t), k) for t in texts[1:]]  # type: ignore[arg-type]
@@ -252,17 +266,58 @@ async def score_texts(
             stacklevel=2,
         )
 
-    async def one(text: str | Sequence[int]) -> ScoredText:
-        prompt: str | list[int] = text if isinstance(text, str) else list(text)
+    async def one(prompt: str | list[int]) -> ScoredText:
         # ids where the server can (vLLM, kdistill serve): texts of partial UTF-8 tokens collide
         tokens, used = await _echo(client, model, prompt, k, as_ids=True)
         tokens = _cut(tokens, prompt, used)
         if alignment == "shifted":
-            return ScoredText(_shift_later(tokens), corrected=True)
+            fixed = _shift_later(tokens)
+            if len(fixed) > 1 and not fixed[1].top:  # llama.cpp returns no row at position 0
+                top = await _row_after_first_token(client, model, prompt, fixed[0], k)
+                fixed[1] = dataclasses.replace(fixed[1], top=top)
+            return ScoredText(fixed, corrected=True)
         first = TokenLogprob(tokens[0].token, None, tokens[0].bytes, tokens[0].id)
         return ScoredText([first, *tokens[1:]])  # position 0 has no context: no row
 
-    return list(await asyncio.gather(*[one(t) for t in texts]))
+    prompts: list[str | list[int]] = [t if isinstance(t, str) else list(t) for t in texts]
+    if not as_ids:
+        return list(await asyncio.gather(*[one(p) for p in prompts]))
+    try:  # one text first: does the server take token-id prompts?
+        head = await one(prompts[0])
+    except EndpointRejected as err:
+        if strings is None:
+            raise ScoringUnsupported(
+                f"{client.base_url}: the server rejects token-id prompts ({err}); score the "
+                "texts as strings, or use a server that takes ids (vLLM, kdistill serve)"
+            ) from None
+        warnings.warn(
+            f"{client.base_url}: the server rejects token-id prompts; sending the texts as "
+            "strings (it tokenises them itself; the tokens it echoes are checked against the "
+            "ids)",
+            stacklevel=2,
+        )
+        prompts = list(strings)
+        head = await one(prompts[0])
+    return [head, *await asyncio.gather(*[one(p) for p in prompts[1:]])]
+
+
+async def _row_after_first_token(
+    client: OpenAIClient, model: str, prompt: str | list[int], first: TokenLogprob, k: int
+) -> tuple[TopToken, ...]:
+    """The distribution predicting a text's second token, for a shifted server that returns
+    no row at position 0 (llama.cpp): the top-k of the token it would generate after the
+    first token alone. Empty when the first token cannot be sent alone (a special token the
+    server spells as ''); :func:`topk_rows` then names the missing row."""
+    head: str | list[int] = prompt[:1] if isinstance(prompt, list) else first.token
+    if not head:
+        return ()
+    choices, body = await client.completions(
+        {"model": model, "prompt": head, "max_tokens": 1, "temperature": 0.0, "logprobs": k}
+    )
+    used = (body.get("usage") or {}).get("prompt_tokens")
+    if not choices or not choices[0].tokens or used not in (None, 1):
+        return ()  # re-tokenised as more than one token: not the same context
+    return choices[0].tokens[0].top
 
 
 async def _prompt_logprobs(
@@ -316,20 +371,32 @@ def placeholder_rows(rows: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
+def _unspelt(entry: TopToken) -> bool:
+    """A top-k alternative the server names by nothing: ``''`` with no bytes and no id."""
+    return entry.token == "" and not entry.bytes and entry.id is None
+
+
 def topk_row(
     top: Sequence[TopToken], k: int, token_map: TokenMap
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """One top row → ``values (k)``, ``indices (k)``, ``rest ()``, ambiguous-token count.
+    """One top row → ``values (k)``, ``indices (k)``, ``rest ()``, count of entries left out.
 
-    The ``k`` largest entries with a student id are kept, in decreasing order; an ambiguous
-    token's mass stays in the rest; missing columns get ``−inf`` on ids not in the row.
+    The ``k`` largest entries with a student id are kept, in decreasing order; missing
+    columns get ``−inf`` on ids not in the row. Two kinds of entry cannot be placed on an id
+    and leave their mass in the rest bucket: an ambiguous text (a partial UTF-8 byte that
+    several ids spell) and an *unspelt* alternative — empty text, no bytes, no id: how
+    llama.cpp's server shows a special token (e.g. ``<|im_end|>``) among the top-k. Any other
+    entry that is not a student token raises :class:`TokenizerMismatch` (another tokenizer).
     """
     ids_values: dict[int, float] = {}
-    ambiguous = 0
+    left_out = 0
     for entry in top:
+        if _unspelt(entry):
+            left_out += 1
+            continue
         token_id = token_map.lookup(entry.token, entry.bytes, entry.id)
         if token_id == AMBIGUOUS:
-            ambiguous += 1
+            left_out += 1
             continue
         ids_values[token_id] = max(ids_values.get(token_id, -math.inf), entry.logprob)
     kept = sorted(ids_values.items(), key=lambda e: -e[1])[:k]
@@ -339,11 +406,11 @@ def topk_row(
     filler = (i for i in range(len(token_map.table)) if i not in used)
     ids = [i for i, _ in kept] + [next(filler) for _ in range(k - len(kept))]
     full = torch.cat([values.float(), torch.full((k - len(kept),), -math.inf)])
-    return full, torch.tensor(ids), rest, ambiguous
+    return full, torch.tensor(ids), rest, left_out
 
 
 def topk_rows(
-    scored: ScoredText, k: int, token_map: TokenMap
+    scored: ScoredText, k: int, token_map: TokenMap, expected: Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """The cache's top-k layout of a scored text of ``T`` tokens.
 
@@ -351,13 +418,24 @@ def topk_rows(
     ``t`` is the distribution predicting token ``t + 1`` (the server's row of position
     ``t + 1``); the last row, which predicts past the text, is a placeholder
     (:func:`placeholder_rows`). Also the text's token ids in the student's vocabulary.
+    ``expected``: the ids the caller sent (or whose text it sent); an echoed token the
+    server names by nothing (``''`` without bytes: llama.cpp's rendering of a special token
+    such as the EOS) is taken as the expected id when that is a special token, and a text
+    that several ids spell (a partial UTF-8 byte) as the expected id when it is one of them.
     Raises :class:`~kdistill.config.ConfigError` when a token is not the student's.
     """
     tokens = scored.tokens
     try:
-        ids = [token_map.lookup(t.token, t.bytes, t.id) for t in tokens]
+        ids = [_echoed_id(t, i, token_map, expected) for i, t in enumerate(tokens)]
         values, indices, rest = placeholder_rows(len(tokens), k)
         for t in range(len(tokens) - 1):
+            if not tokens[t + 1].top:
+                raise ConfigError(
+                    f"distill.teacher: the server returned no log-probabilities for token "
+                    f"{t + 1} ({tokens[t + 1].token!r}) of a scored text, so it has no teacher "
+                    "row to distil; use a server that scores every prompt position (vLLM, "
+                    "kdistill serve)"
+                )
             v, i, r, _ = topk_row(tokens[t + 1].top, k, token_map)
             values[t], indices[t], rest[t] = v, i, r
     except TokenizerMismatch as err:
@@ -372,3 +450,22 @@ def topk_rows(
             "UTF-8 byte); send the texts as token ids, or use a server that returns bytes"
         )
     return values, indices, rest, ids
+
+
+def _echoed_id(
+    token: TokenLogprob, position: int, token_map: TokenMap, expected: Sequence[int] | None
+) -> int:
+    if token.token == "" and not token.bytes and token.id is None:  # unspelt
+        want = expected[position] if expected is not None and position < len(expected) else None
+        if want is not None and want in token_map.specials:
+            return want
+        raise TokenizerMismatch(
+            f"the server names scored token {position} by nothing ('' without bytes or id), "
+            f"where the text has {'no token' if want is None else f'token id {want}'}"
+        )
+    found = token_map.lookup(token.token, token.bytes, token.id)
+    want = expected[position] if expected is not None and position < len(expected) else None
+    spelt_as_want = want is not None and 0 <= want < len(token_map.table)
+    if found == AMBIGUOUS and spelt_as_want and token_text(token_map.table[want]) == token.token:
+        return want  # one of the ids that text may be
+    return found

@@ -103,20 +103,22 @@ class TokenMap:
     table: list[bytes]
     by_bytes: dict[bytes, int]
     by_text: dict[str, int]
+    specials: frozenset[int] = frozenset()  # special tokens (llama.cpp spells them as '')
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> TokenMap:
-        return cls.from_table(token_bytes_table(tokenizer))
+        specials = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", ()) or ())
+        return cls.from_table(token_bytes_table(tokenizer), specials)
 
     @classmethod
-    def from_table(cls, table: Sequence[bytes]) -> TokenMap:
+    def from_table(cls, table: Sequence[bytes], specials: frozenset[int] = frozenset()) -> TokenMap:
         by_bytes: dict[bytes, int] = {}
         by_text: dict[str, int] = {}
         for token_id, piece in enumerate(table):
             by_bytes.setdefault(piece, token_id)
             text = token_text(piece)
             by_text[text] = AMBIGUOUS if text in by_text else token_id
-        return cls(list(table), by_bytes, by_text)
+        return cls(list(table), by_bytes, by_text, specials)
 
     def lookup(self, token: str, raw_bytes: Sequence[int] | None, token_id: int | None) -> int:
         """The student id of a teacher token; :data:`AMBIGUOUS`; or :class:`TokenizerMismatch`."""
