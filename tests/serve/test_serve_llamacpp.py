@@ -11,13 +11,18 @@ The server runs on 127.0.0.1 at a free port for this module and is stopped after
 checked: the shifted echo rows are detected and refused (and, with ``on_shift: correct``,
 moved back onto the positions that the local float teacher's rows match), chat completions'
 ``top_logprobs`` parse and ``kdistill generate`` writes records whose tokens map onto the
-teacher tokenizer's ids (usable for token KD on the file's top-k).
+teacher tokenizer's ids (usable for token KD on the file's top-k), ``kdistill lm`` fills its
+top-k cache from the server (token-id prompts refused with HTTP 500: texts sent as strings)
+for a student with the teacher's tokenizer and for a byte-level one across tokenizers.
+Run: ``KDISTILL_LLAMA_CPP_PYTHON=/work/llama-venv/bin/python pytest tests/serve/test_serve_llamacpp.py``
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
@@ -248,3 +253,43 @@ def test_llamacpp_scores_training_texts_for_token_kd(
         total += len(ids) - 1
     print(f"llama.cpp-scored cache: top-1 = the float teacher's argmax on {agree}/{total} rows")
     assert agree / total >= 0.8, f"top-1 agreement with the float teacher {agree}/{total}"
+
+
+def test_llamacpp_teaches_a_byte_student_across_tokenizers(
+    llamacpp: tuple[str, str], tmp_path: Path
+) -> None:
+    """``distill.cross_tokenizer`` with llama.cpp as the served teacher: its tokens (named by
+    text only) are read through ``distill.teacher.tokenizer``; one batch's ULD term is finite
+    and the run's KD term trains."""
+    from kdistill.lm.config import lm_config_from_dict
+    from kdistill.lm.pretrained import load_smollm2, smollm2_cache_dir
+    from kdistill.lm.served_cross import ROWS_FILE
+    from kdistill.lm.train import run_lm
+
+    url, model = llamacpp
+    load_smollm2()  # its folder holds the served model's tokenizer
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join([*TEXTS, "Knowledge distillation trains a small student.",
+                                "The quick brown fox jumps over the lazy dog."]) + "\n")  # fmt: skip
+    out = tmp_path / "run"
+    cfg = lm_config_from_dict({
+        "seed": 0, "output_dir": str(out),
+        "data": {"text_file": str(texts), "tokenizer": "byte", "max_length": 48,
+                 "batch_size": 2, "eval_fraction": 0.25},
+        "student": {"arch": "llama", "config": {
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}},
+        "distill": {"objective": "token_kd", "cross_tokenizer": "uld", "alpha": 0.5,
+                    "cache_dir": str(out / "cache"), "cache_topk": 5,
+                    "teacher": {"endpoint": url, "model": model, "on_shift": "correct",
+                                "tokenizer": str(smollm2_cache_dir()), "concurrency": 2,
+                                "max_retries": 1, "timeout": 120}},
+        "train": {"epochs": 2, "threads": 1, "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    with pytest.warns(UserWarning, match="rejects token-id prompts"):
+        summary = run_lm(cfg).summary
+    assert (out / "cache" / ROWS_FILE).is_file()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    kd = [row["train_kd_loss"] for row in rows]
+    assert all(math.isfinite(v) and v > 0 for v in kd) and kd[-1] < kd[0], kd
+    assert summary["cross_tokenizer"]["loss"] == "uld"

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from _serving import CORPUS, ServerThread
+from safetensors.torch import load_file
 from test_serve_lm_integration import STUDENT
 from test_serve_scoring import shifting_app
 
@@ -179,6 +180,45 @@ def test_a_shifting_server_is_refused(
         with pytest.raises(ConfigError, match=r"^distill\.teacher: .*shifted by one position"):
             build_lm_run(lm_config_from_dict(data))
     assert not (tmp_path / "a" / "cache" / ROWS_FILE).exists()
+
+
+def test_a_server_without_token_ids_gives_the_same_rows_less_the_unreadable(
+    served: ServerThread, teacher: Any, tiny_model_dir: Path, texts: Path, tmp_path: Path
+) -> None:
+    """llama.cpp's kind of server (no token-id prompts: HTTP 500; tokens named by text only;
+    echo rows one late, none at position 0), ``on_shift: correct``: the texts go out as
+    strings, its tokens are read back through the teacher tokenizer, and the rows equal the
+    id-giving server's on the same texts — the same alignment, every alternative at the same
+    log-probability — less the alternatives no id can be read from (partial UTF-8 bytes) and
+    the row after a text's first token when that token is a partial byte."""
+    with ServerThread(shifting_app(teacher, llamacpp=True)) as llama:
+        data = _config(texts, tmp_path / "llama", "uld",
+                       teacher=_served(llama.url, tiny_model_dir, on_shift="correct"))  # fmt: skip
+        with pytest.warns(UserWarning, match="rejects token-id prompts"):
+            build_lm_run(lm_config_from_dict(data))
+    data = _config(texts, tmp_path / "ids", "uld", teacher=_served(served.url, tiny_model_dir))
+    build_lm_run(lm_config_from_dict(data))
+    by_text, by_id = (load_file(tmp_path / name / "cache" / ROWS_FILE) for name in ("llama", "ids"))
+    for name in ("student_positions", "teacher_positions"):
+        assert torch.equal(by_text[name], by_id[name]), name
+    # the one row it cannot give: after a first token that is a partial UTF-8 byte (the
+    # row at position 0 is fetched by sending the first token alone, as text)
+    differ = (by_text["mask"] != by_id["mask"]).nonzero().tolist()
+    assert all(not by_text["mask"][n, g] and by_text["teacher_positions"][n, g] == 1
+               for n, g in differ), differ  # fmt: skip
+    assert len(differ) <= sum(not line[0].isascii() for line in LINES), differ
+    kept = dropped = 0
+    rows = zip(by_text["ids"].flatten(0, 1), by_text["log_probs"].flatten(0, 1),
+               by_id["ids"].flatten(0, 1), by_id["log_probs"].flatten(0, 1), strict=True)  # fmt: skip
+    for text_ids, text_lp, id_ids, id_lp in rows:
+        want = {int(i): float(v) for i, v in zip(id_ids, id_lp, strict=True) if v > -math.inf}
+        got = {int(i): float(v) for i, v in zip(text_ids, text_lp, strict=True) if v > -math.inf}
+        # student ids (< 260) compare directly; ids past them are numbered per run
+        byte_ids = {i: v for i, v in got.items() if i < 260}
+        assert all(want.get(i) == pytest.approx(v, abs=1e-5) for i, v in byte_ids.items())
+        kept, dropped = kept + len(got), dropped + len(want) - len(got)
+        assert len(got) <= len(want)
+    assert kept > dropped > 0, (kept, dropped)  # most are readable; some are not
 
 
 def test_config_mistakes_name_the_key(tiny_model_dir: Path, texts: Path, tmp_path: Path) -> None:

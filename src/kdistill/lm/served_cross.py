@@ -35,6 +35,8 @@ from kdistill.lm.alignment import SpanTokenizer, TokenSpans
 from kdistill.lm.batches import causal_lm_labels, pad_right
 from kdistill.lm.cross_tokenizer import VocabMap, served_teacher_topk
 from kdistill.lm.topk import TOPK, pack_topk
+from kdistill.serve.scoring import echoed_token_id
+from kdistill.serve.tokens import AMBIGUOUS, TokenizerMismatch, TokenMap
 from kdistill.trainer import TEACHER_PREFIX
 
 __all__ = [
@@ -171,14 +173,26 @@ def teacher_records(
     teacher: SpanTokenizer,
     index: int,
     k: int,
+    token_map: TokenMap | None = None,
 ) -> list[dict[str, Any]]:
     """The server's scored tokens of training text ``index`` (sent as the ids ``spans`` of the
     teacher's tokenizer ``teacher``) as records with exact bytes: each token's bytes are its
     span of ``text``, each alternative's :meth:`SpanTokenizer.token_bytes` (a special token's
     its name, so it matches no student token). Only the ``k`` most likely alternatives are
-    kept (servers add the scored token to the top ``k`` when it is not among them). Raises
-    ``ValueError`` naming the text when the server scored other tokens or gave no ids."""
+    kept (servers add the scored token to the top ``k`` when it is not among them).
+
+    A server that names tokens by text only (llama.cpp's, sent the text as a string) needs
+    ``token_map`` — :class:`~kdistill.serve.tokens.TokenMap` of ``teacher``'s tokenizer — to
+    find the ids: every echoed token must be the one ``spans`` has there, and an alternative
+    no id can be read from (``''``: a special token; a partial UTF-8 byte) is left out, as the
+    losses renormalise the top-k. Raises ``ValueError`` naming the text when the server
+    scored other tokens or gave no ids and no ``token_map``."""
     ids = [getattr(t, "id", None) for t in tokens]
+    if None in ids and token_map is not None:
+        try:
+            ids = [echoed_token_id(t, i, token_map, spans.input_ids) for i, t in enumerate(tokens)]
+        except TokenizerMismatch as err:
+            raise ValueError(f"training text {index}: {err}") from None
     if ids != list(spans.input_ids):
         raise ValueError(
             f"the server scored training text {index} as token ids {ids[:8]}… but "
@@ -190,17 +204,37 @@ def teacher_records(
     for token, (start, end) in zip(tokens, spans.spans, strict=True):
         top = []
         for alt in sorted(token.top, key=lambda alt: -alt.logprob)[:k]:
-            if alt.id is None or not 0 <= alt.id < teacher.vocab_size:
+            alt_id = alt.id if alt.id is not None else _alternative_id(alt, token_map)
+            if alt_id is None:
+                continue  # unplaceable: its mass is left to the renormalised top-k
+            if not 0 <= alt_id < teacher.vocab_size:
                 raise ValueError(
-                    f"the server's alternative {alt.token!r} (id {alt.id}) of training text "
+                    f"the server's alternative {alt.token!r} (id {alt_id}) of training text "
                     f"{index} is not a token of distill.teacher.tokenizer "
                     f"({teacher.vocab_size} ids); give the tokenizer of the served model"
                 )
-            piece = teacher.token_bytes(alt.id)
-            entry = {"logprob": alt.logprob, "token": f"<special {alt.id}>"}
+            piece = teacher.token_bytes(alt_id)
+            entry = {"logprob": alt.logprob, "token": f"<special {alt_id}>"}
             top.append(entry if piece is None else {**entry, "bytes": list(piece)})
         records.append({"token": "", "bytes": list(raw[start:end]), "top_logprobs": top})
     return records
+
+
+def _alternative_id(alt: Any, token_map: TokenMap | None) -> int | None:
+    """The teacher id of an alternative named by text / bytes; ``None`` when none can be read
+    (unspelt ``''``, a text several ids spell); :class:`ValueError` for a foreign token."""
+    if token_map is None:
+        raise ValueError(
+            f"the server's alternative {alt.token!r} has no token id; give "
+            "distill.teacher.tokenizer (the served model's tokenizer) to read it"
+        )
+    if alt.token == "" and not alt.bytes:
+        return None
+    try:
+        found = token_map.lookup(alt.token, alt.bytes, None)
+    except TokenizerMismatch as err:
+        raise ValueError(f"{err}; give the tokenizer of the served model") from None
+    return None if found == AMBIGUOUS else found
 
 
 def rows_metadata(

@@ -1071,9 +1071,11 @@ def _build_served_cross_tokenizer_kd(run: LMSetup) -> LMObjective:
                 [s.input_ids for s in spans],
                 k,
                 on_shift=served.on_shift,
+                strings=run.train_texts,  # for a server that takes no token ids (llama.cpp)
             )
+            token_map = token_map_for(teacher_tokenizer)  # for tokens named by text only
             records = [
-                teacher_records(x.tokens, s, t, teacher_side, i, k)
+                teacher_records(x.tokens, s, t, teacher_side, i, k, token_map)
                 for i, (x, s, t) in enumerate(zip(scored, spans, run.train_texts, strict=True))
             ]
             return ServedTeacherRows.from_records(student, records, run.tokenizer, run.train_texts)

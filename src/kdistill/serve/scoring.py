@@ -53,6 +53,7 @@ __all__ = [
     "ScoredText",
     "ScoringUnsupported",
     "check_alignment",
+    "echoed_token_id",
     "placeholder_rows",
     "rest_log_mass",
     "score_texts",
@@ -426,7 +427,7 @@ def topk_rows(
     """
     tokens = scored.tokens
     try:
-        ids = [_echoed_id(t, i, token_map, expected) for i, t in enumerate(tokens)]
+        ids = [echoed_token_id(t, i, token_map, expected) for i, t in enumerate(tokens)]
         values, indices, rest = placeholder_rows(len(tokens), k)
         for t in range(len(tokens) - 1):
             if not tokens[t + 1].top:
@@ -452,9 +453,11 @@ def topk_rows(
     return values, indices, rest, ids
 
 
-def _echoed_id(
+def echoed_token_id(
     token: TokenLogprob, position: int, token_map: TokenMap, expected: Sequence[int] | None
 ) -> int:
+    """The id of echoed token ``position`` of a text whose ids were ``expected`` (see
+    :func:`topk_rows`); :data:`AMBIGUOUS`, or :class:`TokenizerMismatch`."""
     if token.token == "" and not token.bytes and token.id is None:  # unspelt
         want = expected[position] if expected is not None and position < len(expected) else None
         if want is not None and want in token_map.specials:
