@@ -34,6 +34,12 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="overrides for both runs, e.g. distill.temperature=8",
     )
+    parser.add_argument(
+        "--no-kd-from",
+        type=Path,
+        help="read the students without KD from this earlier --output-dir (they do not depend "
+        "on T or alpha); their configs must equal this run's but for output_dir",
+    )
     args = parser.parse_args()
 
     rows = []
@@ -47,7 +53,10 @@ def main() -> None:
             progress=False,
             extra=args.set,
         )
-        no_kd = run_experiment(no_kd_cfg).summary
+        if args.no_kd_from is not None:
+            no_kd = _finished_no_kd(args.no_kd_from / f"seed{seed}" / "student_no_kd", no_kd_cfg)
+        else:
+            no_kd = run_experiment(no_kd_cfg).summary
         kd = run_experiment(kd_cfg).summary
         row = {
             "seed": seed,
@@ -62,6 +71,17 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(_markdown(rows, kd_cfg))
+
+
+def _finished_no_kd(folder: Path, cfg) -> dict:
+    """The summary of a finished no-KD run of the same config (the output folder aside)."""
+    summary = json.loads((folder / "summary.json").read_text())
+    theirs, mine = dict(summary["config"]), json.loads(json.dumps(cfg.to_dict()))
+    theirs.pop("output_dir"), mine.pop("output_dir")
+    theirs["distill"].pop("temperature", None), mine["distill"].pop("temperature", None)
+    if theirs != mine:
+        raise SystemExit(f"{folder}: its config differs from this run's student without KD")
+    return summary
 
 
 def _stat(values: list[float]) -> str:
