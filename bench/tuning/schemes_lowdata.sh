@@ -40,7 +40,11 @@ for scheme in $ONLY; do
       while [ ! -f "$TEACHER2" ] && [ ! -f "$SRC" ]; do sleep 30; done
       [ -f "$TEACHER2" ] || { mkdir -p "$(dirname "$TEACHER2")"; cp "$SRC" "$TEACHER2"; }
       tune multi_teacher examples/schemes/multi_teacher.yaml $T/schemes_lowdata_multi_teacher.yaml \
-        --set scheme.multi_teacher.pretrain_epochs=0 ;;
+        --set scheme.multi_teacher.pretrain_epochs=0
+      # the TeacherCNN alone on the same seeds: the reference of the two-teacher point
+      kdistill sweep examples/schemes/multi_teacher.yaml "${P[@]}" --set scheme.multi_teacher.pretrain_epochs=0 \
+        --grid-file $T/schemes_lowdata_multi_teacher_single.yaml --seeds 0 1 2 \
+        --output-dir "$OUT/multi_teacher" --name single --resume ;;
     *) echo "schemes_lowdata.sh: unknown scheme $scheme" >&2; exit 2 ;;
   esac
 done
