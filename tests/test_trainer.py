@@ -508,3 +508,30 @@ def test_optim_fused_picks_torchs_fused_adamw_and_refuses_what_it_cannot_fuse() 
     integer = nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
     with pytest.raises(ConfigError, match=r"optim\.fused: .*floating-point"):
         build_optimizer([integer], OptimConfig(fused=True))
+
+
+class _MaskedCE(nn.Module):
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from kdistill.schemes.unlabelled import masked_cross_entropy
+
+        return masked_cross_entropy(logits, target)
+
+
+def test_train_accuracy_counts_the_labelled_samples_only(tmp_path: Path) -> None:
+    """Semi-supervised batches (Mean Teacher, semi-supervised KD) carry unlabelled samples
+    as label -1: they weigh the losses but are not wrong answers of the train accuracy."""
+    x, y = make_data()
+    unlabelled = torch.arange(len(y)) % 3 != 0  # two thirds without a label
+    torch.manual_seed(0)
+    student = mlp(16)
+    with torch.no_grad():
+        hits = (student(x).argmax(-1) == y) & ~unlabelled
+    expected = hits.sum().item() / (~unlabelled).sum().item()
+    train = TensorBatchLoader(x, torch.where(unlabelled, -1, y), batch_size=32)
+    _, test = loaders()
+    terms = [LossTerm("ce", _MaskedCE(), teacher=None)]
+    optim = OptimConfig(name="sgd", lr=1e-12, schedule="constant")  # the model stays put
+    trainer = Trainer(Distiller(student, terms), train, test, optim, 1, tmp_path, progress=False)
+    row = trainer.fit().final
+    assert row["train_accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert expected > 2 * hits.sum().item() / len(y)  # what counting every sample would give

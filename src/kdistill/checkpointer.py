@@ -99,6 +99,7 @@ class PartialEpoch:
     seen: int
     skipped: int
     elapsed_s: float
+    scored: int = 0  # samples with a class label, the train accuracy's denominator
 
 
 @dataclass
@@ -269,6 +270,7 @@ class Checkpointer:
                 "seen": p.seen,
                 "skipped": p.skipped,
                 "elapsed_s": p.elapsed_s,
+                "scored": p.scored,
             }
         if torch.cuda.is_available():
             saved["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -337,6 +339,7 @@ class Checkpointer:
                 int(p["seen"]),
                 int(p["skipped"]),
                 float(p["elapsed_s"]),
+                int(p.get("scored", p["seen"])),  # older checkpoints scored every sample
             )
         self.step_log.restore(epoch * self.steps_per_epoch + step)
         if self.verbose:  # epoch-0001-step-000040: 1 whole epoch and 40 steps of epoch 2 done

@@ -344,11 +344,14 @@ class _EpochSums:
 
     def __init__(self, partial: PartialEpoch) -> None:
         self.sums, self.correct = partial.sums, partial.correct
-        self.seen, self.skipped = partial.seen, partial.skipped
+        self.seen, self.skipped, self.scored = partial.seen, partial.skipped, partial.scored
         self.has_accuracy = False  # set once a batch's logits gave a train accuracy
 
-    def add(self, out: Mapping[str, Any], n: int, correct: Tensor | None) -> None:
+    def add(self, out: Mapping[str, Any], n: int, correct: Tensor | None, scored: int = 0) -> None:
+        """``n`` counted targets weigh the losses; ``correct`` of ``scored`` class labels
+        (unlabelled samples, ``-1``, count for the losses but not the accuracy)."""
         self.seen += n
+        self.scored += scored
         for key, value in out.items():
             if key.endswith("_loss"):
                 self.sums[key] = self.sums.get(key, 0.0) + value * n
@@ -361,7 +364,7 @@ class _EpochSums:
 
     def snapshot(self, epoch: int, step: int, elapsed_s: float) -> PartialEpoch:
         return PartialEpoch(
-            epoch, step, self.sums, self.correct, self.seen, self.skipped, elapsed_s
+            epoch, step, self.sums, self.correct, self.seen, self.skipped, elapsed_s, self.scored
         )
 
 
@@ -644,11 +647,13 @@ class Trainer:
                 for (x, y, *_), out in zip(micro, outs, strict=True):
                     counted = None if y is None else y != IGNORE_INDEX  # (B,) or (B, T)
                     n = _batch_size(x) if counted is None else int(counted.sum())
-                    correct = None
+                    correct, scored = None, 0
                     logits = out.get("logits")
                     if counted is not None and _classes_last(logits, y):
-                        correct = ((logits.argmax(-1) == y) & counted).sum()
-                    sums.add(out, n, correct)
+                        labelled = counted & (y >= 0)  # not -1: an unlabelled sample
+                        correct = ((logits.argmax(-1) == y) & labelled).sum()
+                        scored = int(labelled.sum())
+                    sums.add(out, n, correct, scored)
             else:
                 sums.skipped += 1
             self.global_step = global_step + 1
@@ -656,7 +661,7 @@ class Trainer:
             if self._bars and step % 20 == 0 and sums.seen:
                 bar.set_postfix(
                     loss=f"{sums.sums['loss'].item() / sums.seen:.4f}",
-                    acc=f"{sums.correct.item() / sums.seen:.3f}",
+                    acc=f"{sums.correct.item() / max(sums.scored, 1):.3f}",
                 )
             every = self.checkpoint_every
             if every is not None and (global_step + 1) % every == 0 and step + 1 < steps:
@@ -676,14 +681,16 @@ class Trainer:
 
     def _epoch_metrics(self, sums: _EpochSums) -> dict[str, float]:
         totals, correct, seen = sums.sums, sums.correct, sums.seen
+        scored = torch.tensor(sums.scored, device=correct.device)
         if distributed.is_distributed():  # the global means: equal shares on every rank
             totals = {k: distributed.all_sum(totals[k]) for k in sorted(totals)}
             correct = distributed.all_sum(correct)
+            scored = distributed.all_sum(scored)
             seen *= distributed.world_size()
         metrics = {f"train_{k}": (v / max(seen, 1)).item() for k, v in totals.items()}
         metrics.setdefault("train_loss", math.nan)  # every batch of the epoch was skipped
         counted = sums.has_accuracy or not sums.seen  # a model without logits: no accuracy
-        metrics["train_accuracy"] = correct.item() / max(seen, 1) if counted else math.nan
+        metrics["train_accuracy"] = correct.item() / max(int(scored), 1) if counted else math.nan
         for name, values in self._logged.items():
             metrics[f"train_{name}"] = sum(values) / len(values)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
