@@ -3,7 +3,7 @@
 1. Load the shipped Fashion-MNIST teacher (or train one with ``--retrain-teacher``).
 2. Train the student on labels only (``alpha = 0``).
 3. Train the same student, same seed and schedule, with the teacher (``alpha = 0.9``,
-   ``T = 2``; the teacher's logits computed once and reused each epoch).
+   ``T = 1``, chosen on validation; the teacher's logits computed once and reused each epoch).
 4. Measure test accuracy, parameters, size on disk and CPU latency of all three and write
    ``report.md`` / ``report.json`` in the output folder.
 5. Add the figures of :func:`kdistill.report.write_report` (``plots/*.png``) to ``report.md``.
