@@ -369,9 +369,9 @@ def write_report(
             "### Dark knowledge\n\n"
             f"![dark knowledge]({PLOTS_DIR}/dark_knowledge.png)\n\n"
             f"`softmax(z / T)` of the teacher and the {who} on {len(picked)} test images at "
-            f"T = {t_list}. At T = 1 the teacher is nearly one-hot; raising T reveals which "
-            "other classes it finds similar — the signal the KD term (trained at "
-            f"T = {cfg.distill.temperature:g}) passes on to the student.\n"
+            f"T = {t_list}. Raising T spreads the teacher's mass over the classes it finds "
+            "similar to the right one — the signal the KD term passes on to the student (this "
+            f"run trained it at T = {cfg.distill.temperature:g}).\n"
         )
 
     figures = "\n".join(sections)
