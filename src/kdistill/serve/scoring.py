@@ -23,6 +23,13 @@ position of ``g`` in ``P + g``; a shifted one shows ``d`` at the last position o
 A server that returns no prompt log-probabilities at all raises :class:`ScoringUnsupported`,
 pointing to ``kdistill generate`` + sequence-level KD.
 
+**Servers without token ids** (llama-cpp-python's: a token-id prompt is an HTTP 500
+validation error; tokens are named by text; the shifted echo has no row at position 0): the
+texts go out as strings (``score_texts(..., strings=...)``), an echoed special token spelt
+``''`` or a partial-UTF-8 text is read as the id the caller's text has there
+(:func:`echoed_token_id`), and the missing first row is the top-k of the token generated
+after the first token alone.
+
 :func:`topk_rows` turns scored positions into the cache's top-k layout (row ``t`` predicts
 token ``t + 1``, as the logits of a causal LM at ``t``).
 """
