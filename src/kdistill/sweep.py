@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -64,6 +64,9 @@ from kdistill.config import (
     parse_yaml,
     read_config_file,
 )
+
+if TYPE_CHECKING:  # schemes import the runners; sweep loads them only when used
+    from kdistill.schemes.config import SchemeConfig
 
 T_KEY, ALPHA_KEY = "distill.temperature", "distill.alpha"
 DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -323,7 +326,7 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
 
 
-def build_configs(data: Mapping[str, Any]) -> tuple[ExperimentConfig, Any]:
+def build_configs(data: Mapping[str, Any]) -> tuple[ExperimentConfig, SchemeConfig | None]:
     """``(experiment, scheme)`` of a point's plain data; ``scheme`` is ``None`` for a plain
     experiment and a :class:`~kdistill.schemes.config.SchemeConfig` for a file with a
     ``scheme:`` section (the same files ``kdistill run`` takes)."""
@@ -368,7 +371,7 @@ def _run_point(data: dict[str, Any], seed: int, resume: bool) -> dict[str, Any]:
 
 
 def _finished(
-    out: Path, cfg: ExperimentConfig, scheme: Any = None
+    out: Path, cfg: ExperimentConfig, scheme: SchemeConfig | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """A finished run of exactly this config (and scheme) in ``out``: its summary and the
     student's last epoch row (a Born-Again run's rows are in its last generation's folder,
