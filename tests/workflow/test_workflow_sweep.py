@@ -312,3 +312,16 @@ def test_a_scheme_file_is_swept_selected_on_validation_and_resumed(
     monkeypatch.setattr(kdistill.schemes.runner, "run_scheme", no_training)
     again = run_sweep(path, grid, overrides=tiny_overrides, seeds=[0], resume=True, name="again")
     assert [p.runs for p in again.points] == [p.runs for p in first.points]
+
+
+def test_a_misspelt_scheme_key_on_the_grid_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A scheme file's grid key is checked before anything trains, through the CLI."""
+    scheme = Path(__file__).parents[2] / "examples" / "schemes" / "dml.yaml"
+    args = ["sweep", str(scheme), "--grid", "scheme.mutual.alpah=0.5,0.9",
+            "--output-dir", str(tmp_path / "sweep")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "alpah" in err[0] and "alpha" in err[0], err
+    assert not (tmp_path / "sweep").exists()
