@@ -347,7 +347,9 @@ class _EpochSums:
         self.seen, self.skipped, self.scored = partial.seen, partial.skipped, partial.scored
         self.has_accuracy = False  # set once a batch's logits gave a train accuracy
 
-    def add(self, out: Mapping[str, Any], n: int, correct: Tensor | None, scored: int = 0) -> None:
+    def add(
+        self, out: Mapping[str, Any], n: int, correct: Tensor | None, scored: Tensor | int = 0
+    ) -> None:
         """``n`` counted targets weigh the losses; ``correct`` of ``scored`` class labels
         (unlabelled samples, ``-1``, count for the losses but not the accuracy)."""
         self.seen += n
@@ -364,7 +366,14 @@ class _EpochSums:
 
     def snapshot(self, epoch: int, step: int, elapsed_s: float) -> PartialEpoch:
         return PartialEpoch(
-            epoch, step, self.sums, self.correct, self.seen, self.skipped, elapsed_s, self.scored
+            epoch,
+            step,
+            self.sums,
+            self.correct,
+            self.seen,
+            self.skipped,
+            elapsed_s,
+            int(self.scored),
         )
 
 
@@ -652,7 +661,7 @@ class Trainer:
                     if counted is not None and _classes_last(logits, y):
                         labelled = counted & (y >= 0)  # not -1: an unlabelled sample
                         correct = ((logits.argmax(-1) == y) & labelled).sum()
-                        scored = int(labelled.sum())
+                        scored = labelled.sum()  # a tensor: no device sync per step
                     sums.add(out, n, correct, scored)
             else:
                 sums.skipped += 1
@@ -661,7 +670,7 @@ class Trainer:
             if self._bars and step % 20 == 0 and sums.seen:
                 bar.set_postfix(
                     loss=f"{sums.sums['loss'].item() / sums.seen:.4f}",
-                    acc=f"{sums.correct.item() / max(sums.scored, 1):.3f}",
+                    acc=f"{sums.correct.item() / max(int(sums.scored), 1):.3f}",
                 )
             every = self.checkpoint_every
             if every is not None and (global_step + 1) % every == 0 and step + 1 < steps:
@@ -681,7 +690,7 @@ class Trainer:
 
     def _epoch_metrics(self, sums: _EpochSums) -> dict[str, float]:
         totals, correct, seen = sums.sums, sums.correct, sums.seen
-        scored = torch.tensor(sums.scored, device=correct.device)
+        scored = torch.as_tensor(sums.scored, device=correct.device)
         if distributed.is_distributed():  # the global means: equal shares on every rank
             totals = {k: distributed.all_sum(totals[k]) for k in sorted(totals)}
             correct = distributed.all_sum(correct)
