@@ -35,7 +35,7 @@ from kdistill.lm.alignment import SpanTokenizer, TokenSpans
 from kdistill.lm.batches import causal_lm_labels, pad_right
 from kdistill.lm.cross_tokenizer import VocabMap, served_teacher_topk
 from kdistill.lm.topk import TOPK, pack_topk
-from kdistill.serve.scoring import echoed_token_id
+from kdistill.serve.scoring import echoed_token_id, is_unspelt
 from kdistill.serve.tokens import AMBIGUOUS, TokenizerMismatch, TokenMap
 from kdistill.trainer import TEACHER_PREFIX
 
@@ -228,7 +228,7 @@ def _alternative_id(alt: Any, token_map: TokenMap | None) -> int | None:
             f"the server's alternative {alt.token!r} has no token id; give "
             "distill.teacher.tokenizer (the served model's tokenizer) to read it"
         )
-    if alt.token == "" and not alt.bytes:
+    if is_unspelt(alt):
         return None
     try:
         found = token_map.lookup(alt.token, alt.bytes, None)

@@ -348,19 +348,17 @@ def _vocab_size(tokenizer: Any) -> int:
     return tokenizer.vocab_size if isinstance(tokenizer, ByteTokenizer) else len(tokenizer)
 
 
-def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    """The text of token ids, special tokens left out (held-out texts of a generated file)."""
+def _decode(tokenizer: Any, ids: Sequence[int], keep_special: bool = False) -> str:
+    """The text of token ids: special tokens left out (held-out texts of a generated file),
+    or spelt out (``<|endoftext|>``, ``keep_special``) for a server that tokenises text
+    itself and reads special tokens in it (llama.cpp's)."""
     if isinstance(tokenizer, ByteTokenizer):
         return tokenizer.decode(ids)
-    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-
-def _decode_verbatim(tokenizer: Any, ids: Sequence[int]) -> str:
-    """The text of token ids with special tokens spelt out (``<|endoftext|>``), for a server
-    that tokenises text itself and reads special tokens in it (llama.cpp's)."""
-    if isinstance(tokenizer, ByteTokenizer):
-        return tokenizer.decode(ids)
-    return str(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    return str(
+        tokenizer.decode(
+            ids, skip_special_tokens=not keep_special, clean_up_tokenization_spaces=False
+        )
+    )
 
 
 # --------------------------------------------------------------------------- models
@@ -696,7 +694,7 @@ def _served_rows(
     from kdistill.serve.client import EndpointError
     from kdistill.serve.scoring import placeholder_rows, score_texts_sync, topk_rows
 
-    strings = [_decode_verbatim(tokenizer, ids) for ids in train_ids]
+    strings = [_decode(tokenizer, ids, keep_special=True) for ids in train_ids]
     try:
         scored = score_texts_sync(
             served.client, served.model, train_ids, k, on_shift=served.on_shift, strings=strings

@@ -61,6 +61,7 @@ __all__ = [
     "ScoringUnsupported",
     "check_alignment",
     "echoed_token_id",
+    "is_unspelt",
     "placeholder_rows",
     "rest_log_mass",
     "score_texts",
@@ -379,8 +380,9 @@ def placeholder_rows(rows: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
-def _unspelt(entry: TopToken) -> bool:
-    """A top-k alternative the server names by nothing: ``''`` with no bytes and no id."""
+def is_unspelt(entry: TopToken | TokenLogprob) -> bool:
+    """A token the server names by nothing: ``''`` with no bytes and no id (llama.cpp's
+    rendering of a special token)."""
     return entry.token == "" and not entry.bytes and entry.id is None
 
 
@@ -399,7 +401,7 @@ def topk_row(
     ids_values: dict[int, float] = {}
     left_out = 0
     for entry in top:
-        if _unspelt(entry):
+        if is_unspelt(entry):
             left_out += 1
             continue
         token_id = token_map.lookup(entry.token, entry.bytes, entry.id)
@@ -465,7 +467,7 @@ def echoed_token_id(
 ) -> int:
     """The id of echoed token ``position`` of a text whose ids were ``expected`` (see
     :func:`topk_rows`); :data:`AMBIGUOUS`, or :class:`TokenizerMismatch`."""
-    if token.token == "" and not token.bytes and token.id is None:  # unspelt
+    if is_unspelt(token):
         want = expected[position] if expected is not None and position < len(expected) else None
         if want is not None and want in token_map.specials:
             return want
