@@ -354,3 +354,21 @@ def test_a_shifting_or_non_scoring_server_is_refused(
         with pytest.raises(ConfigError, match=r"^distill\.teacher: .*kdistill generate"):
             build_lm_run(cfg)
     assert not (tmp_path / "a" / "cache" / "manifest.json").exists()
+
+
+def test_cli_names_a_shifted_server_that_takes_no_ids_in_one_line(
+    teacher: Any, texts: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``kdistill lm`` against a llama.cpp-like server with ``on_shift: refuse``: one line
+    naming the shift and the key that corrects it, exit 2, no cache written."""
+    import yaml
+
+    out = tmp_path / "run"
+    with ServerThread(shifting_app(teacher, llamacpp=True)) as server:
+        config = tmp_path / "served.yaml"
+        config.write_text(yaml.safe_dump(_token_kd_config(texts, tiny_model_dir, out, server.url)))
+        assert main(["lm", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shifted by one position" in err[0], err
+    assert "distill.teacher.on_shift: correct" in err[0] and "Traceback" not in err[0]
+    assert not (out / "cache" / "manifest.json").exists()
